@@ -1,0 +1,193 @@
+"""Checkpoint -> model folder: graphs, precision variants, manifest, and the proof that they agree."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+import edgecap
+from edgecap.runtime.engines.ort import OrtEngine
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.preprocess import Preprocessing
+from edgecap.runtime.search import SearchOptions
+from edgecap.runtime.sources import open_source
+from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
+from edgecap.train.data import Split, open_splits
+from edgecap.train.engine import TorchEngine
+from edgecap.train.metrics import bleu4
+
+from .graphs import example_inputs, export_graph, graph_ios, graph_spec
+from .quantize import convert_fp16, quantize_decoder_dynamic, quantize_encoder_static
+from .verify import caption_tokens, check_graph, compare_graphs
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 11
+FP32_ATOL = 1e-4
+SEARCHES = {"greedy": SearchOptions(num_beams=1), "beam3": SearchOptions(num_beams=3)}
+
+
+@dataclass
+class ExportOptions:
+    output: Path | None = None
+    int8: bool = False
+    calib: str | None = None          # image folder/glob for int8 calibration (default: the training split)
+    calib_count: int = 64
+    fp16: bool = False
+    opset: int = DEFAULT_OPSET
+    verify: bool = True
+    verify_images: str | None = None  # folder/glob (default: the checkpoint's test split)
+    verify_count: int = 16
+    force: bool = False
+    log: list[str] = field(default_factory=list)
+
+
+def default_output(ckpt: Path) -> Path:
+    return ckpt.parent / f"{ckpt.stem}-onnx"
+
+
+def _images_from(spec: str, n: int) -> list[np.ndarray]:
+    frames = []
+    with open_source(spec) as src:
+        for frame in src:
+            if frame.rgb is not None:
+                frames.append(frame.rgb)
+            if len(frames) == n:
+                break
+    return frames
+
+
+def _split_images(ckpt: dict, split: str, n: int) -> list[np.ndarray]:
+    """The first n readable images of a split of the data set the checkpoint was trained on."""
+    tc = ckpt.get("train_config", {})
+    try:
+        splits, _ = open_splits(tc.get("data", "synthetic"), layout=tc.get("layout"), on_missing="skip",
+                                seed=tc.get("seed", 0), image_size=ckpt["preprocessing"]["size"])
+    except Exception as e:  # the training data is not on this machine
+        raise ModelError(f"cannot read the checkpoint's data set for {split} images ({e}); "
+                         "pass image folders with --calib / --verify-images") from None
+    s: Split = splits[split]
+    return [s.image(i) for i in range(min(n, len(s)))]
+
+
+def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
+    """Export, verify, and atomically publish a model folder; -> its path."""
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    out = Path(opts.output) if opts.output else default_output(ckpt_path)
+    if out.exists() and not opts.force:
+        raise ModelError(f"{out} exists; pass --force to replace it")
+    if not MIN_OPSET <= opts.opset <= torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
+        raise ValueError(f"the installed exporter cannot write opset {opts.opset} "
+                         f"(supported: {MIN_OPSET}-{torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET})")
+    model, vocab, pre = model_from_checkpoint(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, say)
+        ref = TorchEngine(model)
+        images = pre.batch(_images_from(opts.verify_images, opts.verify_count) if opts.verify_images
+                           else _split_images(ckpt, "test", opts.verify_count))
+        if opts.verify:
+            _verify(ref, OrtEngine(tmp, manifest), images, vocab_size=len(vocab), pre=pre, say=say)
+        if opts.fp16:
+            _add_variant(manifest, tmp, "fp16", {r: convert_fp16 for r in manifest.graphs["fp32"]}, say)
+        if opts.int8:
+            calib = _images_from(opts.calib, opts.calib_count) if opts.calib else \
+                _split_images(ckpt, "train", opts.calib_count)
+            batches = [pre.batch(calib[i: i + 8]) for i in range(0, len(calib), 8)]
+            makers = {"encoder": lambda a, b: quantize_encoder_static(a, b, batches, cache=tmp / "calibration.json"),
+                      "decoder_init": quantize_decoder_dynamic, "decoder_step": quantize_decoder_dynamic}
+            _add_variant(manifest, tmp, "int8", makers, say)
+        for precision in [p for p in manifest.graphs if p != "fp32"]:
+            manifest.precision_notes[precision].update(_agreement(manifest, tmp, precision, images, vocab, say))
+        manifest.save(tmp)
+        Manifest.load(tmp)  # the folder as the runtime will see it
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"model folder: {out}")
+    return out
+
+
+def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportOptions, say) -> Manifest:
+    inputs = example_inputs(model)
+    meta = {"edgecap.decoder": model.cfg.decoder, "edgecap.vocab_size": str(model.cfg.vocab_size),
+            "edgecap.version": edgecap.__version__}
+    graphs = {}
+    for io in graph_ios(model):
+        path = folder / f"{io.role}.onnx"
+        try:
+            graphs[io.role] = export_graph(io, inputs, path, opts.opset, meta)
+        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
+            raise ModelError(f"exporting {io.role} at opset {opts.opset} failed: {str(e).splitlines()[0]}") from None
+        check_graph(path)
+        say(f"  ✓ {path.name}: onnx.checker (full) and shape inference passed")
+    return Manifest(
+        decoder=model.cfg.decoder, vocab=ckpt["vocab"], preprocessing=ckpt["preprocessing"],
+        context_names=list(model.decoder.context_names), graphs={"fp32": graphs}, opset=opts.opset,
+        search=SearchOptions(num_beams=3).to_dict(),
+        source={"checkpoint": ckpt_path.name, "data": ckpt.get("data", ""), "metrics": ckpt.get("metrics", {})},
+        versions={"edgecap": edgecap.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__,
+                  "onnxruntime": onnxruntime.__version__},
+        precision_notes={"fp32": {"made_by": f"torch.onnx.export opset {opts.opset}"}})
+
+
+def _verify(ref: TorchEngine, test: OrtEngine, images: np.ndarray, vocab_size: int, pre: Preprocessing,
+            say) -> None:
+    """Per-output report on random and real inputs, then token-identical captions; any miss raises."""
+    random = np.random.default_rng(0).standard_normal((4, 3, pre.size, pre.size)).astype(np.float32)
+    rows = compare_graphs(ref, test, random, "random", FP32_ATOL, vocab_size)
+    rows += compare_graphs(ref, test, images, "real", FP32_ATOL, vocab_size)
+    say("validation (ONNX Runtime vs PyTorch):")
+    for row in rows:
+        say(row.line())
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise ModelError(f"{len(bad)} output(s) differ beyond tolerance, e.g. {bad[0].graph}/{bad[0].output} "
+                         f"by {bad[0].max_diff:.2e}")
+    for name, opts in SEARCHES.items():
+        want, got = caption_tokens(ref, images, opts), caption_tokens(test, images, opts)
+        same = sum(a == b for a, b in zip(want, got))
+        say(f"  {'✓' if same == len(want) else '✗'} captions ({name}): {same}/{len(want)} token-identical")
+        if same != len(want):
+            raise ModelError(f"{len(want) - same} {name} caption(s) differ between ONNX Runtime and PyTorch")
+
+
+def _add_variant(manifest: Manifest, folder: Path, precision: str, makers: dict, say) -> None:
+    graphs, methods = {}, {}
+    for role, make in makers.items():
+        src = folder / manifest.graphs["fp32"][role].file
+        dst = folder / f"{role}.{precision}.onnx"
+        report = make(src, dst)
+        graphs[role] = graph_spec(dst)
+        methods[role] = {"method": report.method, "bytes": report.size_bytes, "fp32_bytes": report.fp32_size_bytes}
+        say(f"  ✓ {dst.name}: {report.method}, {report.size_bytes / 1e6:.1f} MB "
+            f"(fp32 {report.fp32_size_bytes / 1e6:.1f} MB)")
+    manifest.graphs[precision] = graphs
+    manifest.precision_notes[precision] = {"graphs": methods}
+
+
+def _agreement(manifest: Manifest, folder: Path, precision: str, images: np.ndarray, vocab, say) -> dict:
+    """Caption agreement and BLEU-4 of a precision against fp32 on the verification images."""
+    base, test = OrtEngine(folder, manifest, "fp32"), OrtEngine(folder, manifest, precision)
+    result = {}
+    for name, opts in SEARCHES.items():
+        want, got = caption_tokens(base, images, opts), caption_tokens(test, images, opts)
+        same = sum(a == b for a, b in zip(want, got))
+        refs = {str(i): [vocab.decode(w) or "<empty>"] for i, w in enumerate(want)}
+        hyps = {str(i): vocab.decode(g) or "<empty>" for i, g in enumerate(got)}
+        result[name] = {"identical": same, "images": len(want), "bleu4_vs_fp32": round(bleu4(refs, hyps), 4)}
+        say(f"  {precision} vs fp32 ({name}): {same}/{len(want)} identical captions, "
+            f"BLEU-4 against fp32 {result[name]['bleu4_vs_fp32']:.3f}")
+    return {"agreement": result}

@@ -1,0 +1,165 @@
+"""Smaller, faster ONNX graphs with onnxruntime's own tools: static int8 encoder, dynamic int8 decoder, fp16.
+
+Every path runs `quant_pre_process` (shape inference + ORT graph optimisation) first, as ORT recommends.
+Static calibration ranges are kept in a JSON cache keyed by the fp32 model's sha256, so re-quantizing
+(another format, another activation type) needs no calibration images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    TensorData,
+    TensorsData,
+    create_calibrator,
+    quant_pre_process,
+    quantize_dynamic,
+    quantize_static,
+    save_tensors_data,
+)
+from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from ..runtime.console import choice_error
+
+FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+           "percentile": CalibrationMethod.Percentile}
+_SHORT = {"uint8": "U8", "int8": "S8"}
+
+
+@dataclass
+class QuantReport:
+    path: Path
+    size_bytes: int
+    fp32_size_bytes: int
+    method: str  # e.g. "static QDQ U8S8 per-channel, MinMax, 64 images"
+
+
+def _choose(kind: str, value: str, allowed: dict):
+    """allowed[value], or a ValueError naming the allowed values."""
+    if value not in allowed:
+        raise choice_error(kind, value, list(allowed))
+    return allowed[value]
+
+
+def _report(out: Path, fp32: Path, method: str) -> QuantReport:
+    return QuantReport(Path(out), Path(out).stat().st_size, Path(fp32).stat().st_size, method)
+
+
+def _preprocess(fp32: Path, workdir: Path) -> Path:
+    """ORT's quantization pre-processing (shape inference, optimisation) into a file under `workdir`."""
+    pre = workdir / "preprocessed.onnx"
+    quant_pre_process(str(fp32), str(pre))
+    return pre
+
+
+class _Batches(CalibrationDataReader):
+    """Feeds float32 image batches to an ORT calibrator and counts the images."""
+
+    def __init__(self, batches: Iterator[np.ndarray], input_name: str):
+        self._batches, self._input_name, self.images = batches, input_name, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        self.images += len(batch)
+        return {self._input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def _calibrate(model: Path, calibration: Iterable[np.ndarray], input_name: str, method: CalibrationMethod,
+               workdir: Path) -> tuple[dict[str, list[float]], int]:
+    """Tensor name -> [low, high] over the calibration batches, and the number of images seen."""
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("no calibration images")
+    reader = _Batches(itertools.chain([first], batches), input_name)
+    calibrator = create_calibrator(model, augmented_model_path=str(workdir / "augmented.onnx"),
+                                   calibrate_method=method)
+    calibrator.collect_data(reader)
+    ranges = {name: [np.asarray(v).item() for v in data.range_value]
+              for name, data in calibrator.compute_data().items()}
+    return ranges, reader.images
+
+
+def _read_cache(cache: Path, sha256: str, method: str) -> dict | None:
+    """The cache's content if it was computed for this exact fp32 model with this method, else None."""
+    if not cache.is_file():
+        return None
+    content = json.loads(cache.read_text())
+    return content if (content.get("model_sha256"), content.get("method")) == (sha256, method) else None
+
+
+def quantize_encoder_static(fp32: Path, out: Path, calibration: Iterable[np.ndarray], *, cache: Path,
+                            input_name: str = "image", quant_format: str = "qdq", activation_type: str = "uint8",
+                            weight_type: str = "int8", per_channel: bool = True,
+                            method: str = "minmax") -> QuantReport:
+    """Static int8 encoder; defaults (QDQ, uint8 activations, per-channel int8 weights) are the fastest on x86.
+
+    `calibration` yields preprocessed float32 batches [n,3,S,S]; it may be empty when `cache` holds ranges
+    computed for this fp32 model (same sha256) with this `method`. Fresh ranges are written to `cache`.
+    """
+    fmt = _choose("quant_format", quant_format, FORMATS)
+    activations = _choose("activation_type", activation_type, TYPES)
+    weights = _choose("weight_type", weight_type, TYPES)
+    calibrate_method = _choose("method", method, METHODS)
+    fp32, out, cache = Path(fp32), Path(out), Path(cache)
+    sha256 = hashlib.sha256(fp32.read_bytes()).hexdigest()
+    with tempfile.TemporaryDirectory(prefix="edgecap-quant-") as tmp:
+        workdir = Path(tmp)
+        pre = _preprocess(fp32, workdir)
+        content = _read_cache(cache, sha256, method)
+        source = "cached ranges of {images} images" if content else "{images} images"
+        if content is None:
+            ranges, images = _calibrate(pre, calibration, input_name, calibrate_method, workdir)
+            content = {"model_sha256": sha256, "method": method, "images": images, "ranges": ranges}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(content, indent=1))
+        # quantize_static (1.32) takes stored ranges only through its own calibration-cache file, read when no
+        # data reader is given: write our ranges in that format (TensorsData JSON) and point it there.
+        ort_cache = workdir / "ort_ranges.json"
+        save_tensors_data(TensorsData(calibrate_method, {
+            name: TensorData(lowest=np.float32(low), highest=np.float32(high))
+            for name, (low, high) in content["ranges"].items()}), ort_cache)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        quantize_static(pre, out, None, quant_format=fmt, per_channel=per_channel, activation_type=activations,
+                        weight_type=weights, calibrate_method=calibrate_method, calibration_cache_path=ort_cache)
+    granularity = "per-channel" if per_channel else "per-tensor"
+    return _report(out, fp32, f"static {fmt.name} {_SHORT[activation_type]}{_SHORT[weight_type]} {granularity}, "
+                              f"{calibrate_method.name}, {source.format(images=content['images'])}")
+
+
+def quantize_decoder_dynamic(fp32: Path, out: Path, *, weight_type: str = "int8") -> QuantReport:
+    """Dynamic int8 decoder: weights quantized offline, activations per call.
+
+    ORT quantizes MatMul (Gemm is first rewritten to MatMul + Add), LSTM (-> com.microsoft DynamicQuantizeLSTM,
+    always int8 weights) and Gather with constant data (the embedding table); all run on the ORT CPU EP.
+    """
+    weights = _choose("weight_type", weight_type, TYPES)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgecap-quant-") as tmp:
+        quantize_dynamic(_preprocess(Path(fp32), Path(tmp)), out, weight_type=weights)
+    return _report(out, fp32, f"dynamic {weight_type} weights (MatMul/Gemm, LSTM, embedding), uint8 activations")
+
+
+def convert_fp16(fp32: Path, out: Path) -> QuantReport:
+    """float16 weights and compute; graph inputs and outputs stay float32 (keep_io_types)."""
+    model = convert_float_to_float16(str(fp32), keep_io_types=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
+    return _report(out, fp32, "float16 weights and compute, float32 inputs/outputs")

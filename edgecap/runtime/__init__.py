@@ -1,0 +1,1 @@
+"""Torch-free runtime: vocabulary, preprocessing, search, engines, sources."""

@@ -1,0 +1,1 @@
+"""Engines: one class per backend behind edgecap.runtime.engine.Engine."""

@@ -1,0 +1,155 @@
+"""The model folder's `manifest.json`: what each graph is, how to feed it, and how to read its output.
+
+A model folder is self-describing: file names, tensor names/dtypes/shapes, vocabulary, preprocessing and
+search defaults live here (and the same metadata in each graph's `metadata_props`). Unknown keys are
+rejected; every file's sha256 is checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+from .preprocess import Preprocessing
+from .vocab import Vocabulary
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+ROLES = ("encoder", "decoder_init", "decoder_step")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _strict(cls, d: Any, where: str):
+    """Build dataclass `cls` from dict `d`, refusing unknown or missing keys."""
+    if not isinstance(d, dict):
+        raise ModelError(f"manifest: {where} must be an object")
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ModelError(f"manifest: unknown key(s) {sorted(unknown)} in {where}")
+    missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise ModelError(f"manifest: missing key(s) {missing} in {where}")
+    return cls(**d)
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class GraphSpec:
+    file: str
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "GraphSpec":
+        g = _strict(cls, d, where)
+        g.inputs = [_strict(TensorSpec, t, f"{where}.inputs") for t in g.inputs]
+        g.outputs = [_strict(TensorSpec, t, f"{where}.outputs") for t in g.outputs]
+        return g
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass
+class Manifest:
+    decoder: str                                  # plain | attention
+    vocab: list[str]
+    preprocessing: dict
+    context_names: list[str]                      # per-image arrays the step reads after h, c
+    graphs: dict[str, dict[str, GraphSpec]]       # precision -> role -> graph
+    opset: int
+    search: dict = field(default_factory=dict)    # default SearchOptions values
+    source: dict = field(default_factory=dict)    # checkpoint, data, metrics
+    versions: dict = field(default_factory=dict)  # torch, onnx, onnxruntime, edgecap that made it
+    precision_notes: dict = field(default_factory=dict)  # precision -> how it was made and checked
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary(self.vocab)
+
+    @property
+    def preprocess(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.preprocessing)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, check_files: bool = True) -> "Manifest":
+        """Read and validate a model folder's manifest (and, by default, its graph files' hashes)."""
+        folder = Path(folder)
+        path = folder / MANIFEST
+        if not folder.is_dir():
+            raise ModelError(f"model folder not found: {folder}")
+        if not path.is_file():
+            raise ModelError(f"{folder} is not an edgecap model folder (no {MANIFEST}; run export-onnx first)")
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{path} is not valid JSON: {e}") from None
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ModelError(f"{path}: model format {version}; this edgecap reads up to {FORMAT_VERSION}")
+        m = _strict(cls, raw, "manifest")
+        m.graphs = {p: {r: GraphSpec.from_dict(g, f"graphs.{p}.{r}") for r, g in roles.items()}
+                    for p, roles in m.graphs.items()}
+        m.validate(folder if check_files else None)
+        return m
+
+    def validate(self, folder: Path | None) -> None:
+        """Cross-check vocabulary, preprocessing and graphs; with a folder, also files and hashes."""
+        try:
+            self.preprocess
+            vocab = self.vocabulary
+        except ValueError as e:
+            raise ModelError(f"manifest: {e}") from None
+        if self.decoder not in ("plain", "attention"):
+            raise ModelError(f"manifest: unknown decoder {self.decoder!r}")
+        if "fp32" not in self.graphs:
+            raise ModelError("manifest: no fp32 graphs")
+        for precision, roles in self.graphs.items():
+            if precision not in PRECISIONS or set(roles) != set(ROLES):
+                raise ModelError(f"manifest: precision {precision!r} must have graphs {ROLES}")
+            step = roles["decoder_step"]
+            logprobs = next((t for t in step.outputs if t.name == "logprobs"), None)
+            if logprobs is None or logprobs.shape[-1] != len(vocab):
+                raise ModelError(f"manifest: vocabulary has {len(vocab)} words but the {precision} step graph "
+                                 f"outputs {None if logprobs is None else logprobs.shape[-1]}")
+            if step.input_names() != ["word", "h", "c", *self.context_names]:
+                raise ModelError(f"manifest: {precision} step inputs {step.input_names()} do not match "
+                                 f"['word', 'h', 'c', *{self.context_names}]")
+            if folder is None:
+                continue
+            for role, g in roles.items():
+                f = folder / g.file
+                if not f.is_file():
+                    raise ModelError(f"model folder {folder} lacks {g.file} ({precision} {role})")
+                if sha256(f) != g.sha256:
+                    raise ModelError(f"{f} does not match its manifest hash (modified or truncated)")

@@ -1,0 +1,1 @@
+"""PyTorch side: data, models, training, evaluation."""

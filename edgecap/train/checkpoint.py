@@ -1,0 +1,77 @@
+"""Checkpoints: one file with weights, config, vocabulary, optimizer state and metrics.
+
+Written atomically (temporary file, fsync, rename), read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgecap
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.preprocess import Preprocessing
+from edgecap.runtime.vocab import Vocabulary
+
+from .model import CaptionModel, ModelConfig
+
+FORMAT = "edgecap-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write `payload` (plus format tags) so that a kill at any moment leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
+               "versions": {"edgecap": edgecap.__version__, "torch": str(torch.__version__)}, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint; any problem is a one-line ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "holds objects other than weights" if "Unsupported global" in str(e) else type(e).__name__
+        raise ModelError(f"{path} is not a readable edgecap checkpoint (truncated or corrupt?): {reason}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ModelError(f"{path} is not an edgecap checkpoint")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(f"{path} has checkpoint format {version}; this edgecap reads up to {FORMAT_VERSION} "
+                         "(upgrade edgecap)")
+    for key in ("model_config", "vocab", "preprocessing", "model"):
+        if key not in ckpt:
+            raise ModelError(f"{path} lacks {key!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[CaptionModel, Vocabulary, Preprocessing]:
+    """Rebuild the model (in eval mode), vocabulary and preprocessing a checkpoint describes."""
+    cfg = ModelConfig.from_dict({**ckpt["model_config"], "encoder_weights": "none"})  # weights come from ckpt
+    vocab = Vocabulary(ckpt["vocab"])
+    if cfg.vocab_size != len(vocab):
+        raise ModelError(f"checkpoint vocabulary has {len(vocab)} words but the model expects {cfg.vocab_size}")
+    model = CaptionModel(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ModelError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}") from None
+    return model.eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])

@@ -1,0 +1,59 @@
+"""`caption-train`: train a captioning model from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from edgecap.runtime.console import run_main
+
+from .checkpoint import load_checkpoint
+from .trainer import TrainConfig, train
+
+HELP = {
+    "data": "synthetic (built-in, no download) or a data set folder/file (Flickr8k, Flickr30k, COCO, CSV, JSONL)",
+    "layout": "force a data layout instead of detecting it",
+    "on_missing": "listed images whose file is missing: error (default) or skip",
+    "output": "run folder: best.pt, last.pt, log.jsonl",
+    "decoder": "plain (Show and Tell) or attention (Show, Attend and Tell)",
+    "encoder": "resnet50 (default for real data) or tiny (default for synthetic)",
+    "encoder_weights": "imagenet (torchvision), none, or a local state dict file",
+    "finetune_blocks": "ResNet50 stages to train (0 = frozen encoder)",
+    "cache_features": "cache frozen-encoder features once and train the decoder on them",
+    "patience": "stop after this many epochs without a better dev BLEU-4",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags mirror TrainConfig; defaults are suppressed so only what the user typed overrides."""
+    p = argparse.ArgumentParser(prog="caption-train", description=__doc__, argument_default=argparse.SUPPRESS)
+    p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (its settings are kept)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        help_text = HELP.get(f.name, "") + (f" (default: {default})" if default is not None else "")
+        if "bool" in kind:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            p.add_argument(flag, type=conv, help=help_text)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+
+    def body() -> None:
+        resume = args.pop("resume", None)
+        base = load_checkpoint(resume)["train_config"] if resume else {}
+        cfg = TrainConfig(**{**base, **args})
+        train(cfg, resume=resume)
+        print(f"checkpoints in {cfg.output}/ (best.pt, last.pt); log in {cfg.output}/log.jsonl")
+
+    return run_main(body, "caption-train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

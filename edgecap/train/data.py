@@ -1,0 +1,104 @@
+"""Training data: splits of (image, captions) from files or the synthetic task, as PyTorch datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from edgecap.runtime.preprocess import Preprocessing, read_rgb
+from edgecap.runtime.vocab import Vocabulary
+
+from .datasets import ImageCaptions, load_corpus
+from .synthetic import SyntheticSplit
+
+
+class Split(Protocol):
+    """A list of images with their reference captions."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+    def image(self, i: int) -> np.ndarray: ...
+    def captions(self, i: int) -> list[str]: ...
+    def key(self, i: int) -> str: ...
+
+
+class FileSplit:
+    """Images on disk with captions from a loaded corpus."""
+
+    def __init__(self, name: str, items: list[ImageCaptions]):
+        self.name, self.items = name, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def image(self, i: int) -> np.ndarray:
+        return read_rgb(self.items[i].image)
+
+    def captions(self, i: int) -> list[str]:
+        return self.items[i].captions
+
+    def key(self, i: int) -> str:
+        return self.items[i].image.name
+
+
+def open_splits(data: str, *, layout: str | None = None, on_missing: str = "error", seed: int = 0,
+                image_size: int = 112, synthetic_sizes: dict[str, int] | None = None
+                ) -> tuple[dict[str, Split], str]:
+    """`synthetic` or a data set path -> ({"train", "dev", "test"}: Split, one-line description)."""
+    if data == "synthetic":
+        sizes = synthetic_sizes or {}
+        splits = {s: SyntheticSplit(s, sizes.get(s), seed, image_size) for s in ("train", "dev", "test")}
+        desc = "synthetic shapes: " + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+        return splits, desc
+    corpus = load_corpus(Path(data), layout=layout, on_missing=on_missing)
+    name = Path(data).name
+    return {s: FileSplit(f"{name}/{s}", items) for s, items in corpus.splits.items()}, corpus.summary()
+
+
+def caption_ids(vocab: Vocabulary, caption: str, max_len: int) -> list[int]:
+    """Word ids of a caption, cut to `max_len` words, followed by <end>."""
+    return vocab.encode(caption)[:max_len] + [vocab.end_id]
+
+
+class CaptionPairs(Dataset):
+    """Every (image, caption) pair of a split; the image side is a cached feature row or a fresh image."""
+
+    def __init__(self, split: Split, vocab: Vocabulary, max_len: int, preprocess: Preprocessing,
+                 features: torch.Tensor | None = None, augment: bool = False):
+        self.split, self.preprocess, self.features = split, preprocess, features
+        self.pairs = [(i, caption_ids(vocab, cap, max_len)) for i in range(len(split)) for cap in split.captions(i)]
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(preprocess.size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.ColorJitter(0.2, 0.2, 0.2),
+        ]) if augment and features is None else None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, list[int]]:
+        i, ids = self.pairs[k]
+        if self.features is not None:
+            return self.features[i].float(), ids                                  # [R, D]
+        rgb = self.split.image(i)
+        if self.augment is not None:
+            rgb = self.augment(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        return torch.from_numpy(self.preprocess(rgb)), ids                       # [3, S, S]
+
+
+def collate(batch: list[tuple[torch.Tensor, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> inputs [B, ...], words [B, T] (<start> + caption), targets [B, T] (caption + <end>, 0-padded)."""
+    x = torch.stack([b[0] for b in batch])
+    t = max(len(b[1]) for b in batch)
+    words = torch.zeros(len(batch), t, dtype=torch.long)
+    targets = torch.zeros(len(batch), t, dtype=torch.long)
+    for row, (_, ids) in enumerate(batch):
+        targets[row, : len(ids)] = torch.tensor(ids)
+        words[row, 0] = Vocabulary.start_id
+        words[row, 1: len(ids)] = torch.tensor(ids[:-1])
+    return x, words, targets

@@ -1,0 +1,45 @@
+"""Caption a split with any engine through the shared search, and score it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from edgecap.runtime.engine import Engine
+from edgecap.runtime.preprocess import Preprocessing
+from edgecap.runtime.search import Hypothesis, SearchOptions, search
+from edgecap.runtime.vocab import Vocabulary
+
+from .data import Split
+from .metrics import bleu4
+
+
+def caption_split(engine: Engine, split: Split, preprocess: Preprocessing, opts: SearchOptions,
+                  limit: int | None = None, features: torch.Tensor | None = None, batch_size: int = 32,
+                  progress: bool = False) -> dict[str, Hypothesis]:
+    """Best hypothesis per image key for the first `limit` images; `features` are cached regions [N, R, D]."""
+    n = len(split) if limit is None else min(limit, len(split))
+    out: dict[str, Hypothesis] = {}
+    for lo in tqdm(range(0, n, batch_size), desc=f"caption {split.name}", disable=None if progress else True, leave=False):
+        idx = range(lo, min(lo + batch_size, n))
+        if features is not None:
+            regions = features[lo: lo + len(idx)].float().numpy()
+            feats = {"regions": regions, "pooled": regions.mean(1)}  # cached features: frozen ResNet50
+        else:
+            feats = engine.encode(preprocess.batch([split.image(i) for i in idx]))
+        state, context = engine.prepare(feats)
+        for i, hyps in zip(idx, search(engine, state, context, opts)):
+            out[split.key(i)] = hyps[0]
+    return out
+
+
+def dev_scores(hyps: dict[str, Hypothesis], split: Split, vocab: Vocabulary) -> dict[str, float]:
+    """BLEU-4 (fast tokenizer), exact-caption accuracy and distinct captions of decoded hypotheses."""
+    keys = [split.key(i) for i in range(len(split))]
+    refs = {k: split.captions(i) for i, k in enumerate(keys) if k in hyps}
+    texts = {k: vocab.decode(h.tokens) for k, h in hyps.items()}
+    norm = {k: {vocab.decode(vocab.encode(r)) for r in rs} for k, rs in refs.items()}
+    return {"bleu4": bleu4(refs, texts),
+            "exact": float(np.mean([texts[k] in norm[k] for k in texts])),
+            "distinct": len(set(texts.values()))}

@@ -1,0 +1,30 @@
+"""Shared fixtures: small models of both decoders trained once per test session on the synthetic task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"
+
+# Small but real: both decoders reach well-above-blind exact-caption accuracy in well under a minute.
+SMALL = dict(data="synthetic", epochs=4, synthetic_train=2000, synthetic_dev=100, batch_size=32, min_freq=1,
+             embed_dim=64, hidden_dim=256, attention_dim=64, dropout=0.1, patience=10, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """decoder name -> path of its best.pt, trained on first use."""
+    from edgecap.train.trainer import TrainConfig, train
+
+    cache: dict[str, Path] = {}
+
+    def get(decoder: str) -> Path:
+        if decoder not in cache:
+            out = tmp_path_factory.mktemp(f"run-{decoder}")
+            train(TrainConfig(**SMALL, decoder=decoder, output=str(out)))
+            cache[decoder] = out / "best.pt"
+        return cache[decoder]
+
+    return get

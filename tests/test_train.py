@@ -1,0 +1,180 @@
+"""Training: both decoders learn the synthetic task, attention looks where it should, resume, errors, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.search import SearchOptions
+from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from edgecap.train.cli import main as train_main
+from edgecap.train.engine import TorchEngine
+from edgecap.train.evaluate import caption_split
+from edgecap.train.synthetic import SHAPES, SyntheticSplit
+from edgecap.train.trainer import TrainConfig, train
+
+BIN = Path(sys.executable).parent
+
+
+def _test_captions(ckpt: Path, n: int = 200):
+    model, vocab, pre = model_from_checkpoint(load_checkpoint(ckpt))
+    split = SyntheticSplit("test", n, seed=0, image_size=pre.size)
+    hyps = caption_split(TorchEngine(model), split, pre, SearchOptions(max_length=20))
+    return split, vocab, [hyps[split.key(i)] for i in range(len(split))]
+
+
+@pytest.mark.parametrize("decoder", ["plain", "attention"])
+def test_decoder_learns_synthetic_task(trained, decoder):
+    split, vocab, hyps = _test_captions(trained(decoder))
+    truth = [split.captions(i)[0] for i in range(len(split))]
+    exact = np.mean([vocab.decode(h.tokens) == t for h, t in zip(hyps, truth)])
+    # A blind model can do no better than always saying the most common caption.
+    train = SyntheticSplit("train", 2000)
+    common = Counter(train.captions(i)[0] for i in range(len(train))).most_common(1)[0][0]
+    blind = np.mean([t == common for t in truth])
+    assert blind < 0.02
+    assert exact >= 0.25, f"{decoder}: exact-caption accuracy {exact:.2f}"
+
+
+def test_attention_points_at_named_object(trained):
+    split, vocab, hyps = _test_captions(trained("attention"))
+    hits = total = 0
+    for i, h in enumerate(hyps):
+        words = [vocab.words[t] for t in h.tokens]
+        objects = split.scene(i)
+        shape_positions = [k for k, w in enumerate(words) if w in SHAPES]
+        for obj, pos in zip(objects, shape_positions):
+            if words[pos] != obj.shape:
+                continue
+            total += 1
+            hits += int(h.attention[pos].argmax() == obj.cell)
+    assert total >= 100
+    assert hits / total >= 0.5, f"attention peaked on the named object's cell for {hits}/{total} words"
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    small = dict(data="synthetic", epochs=2, synthetic_train=96, synthetic_dev=16, batch_size=16, min_freq=1,
+                 embed_dim=16, hidden_dim=32, attention_dim=16, decoder="attention")
+    train(TrainConfig(**small, output=str(tmp_path / "full")))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, _):
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(TrainConfig(**small, output=str(tmp_path / "cut")), on_epoch_end=kill_after_first)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["epoch"] == 1
+    assert train_main(["--resume", str(tmp_path / "cut" / "last.pt")]) == 0
+    full, resumed = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_checkpoint_errors(tmp_path, trained, capsys):
+    good = trained("plain")
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        load_checkpoint(truncated)
+    assert train_main(["--resume", str(truncated)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("caption-train: error:") and "\n" not in err
+
+    ckpt = load_checkpoint(good)
+    newer = tmp_path / "newer.pt"
+    save_checkpoint(newer, {k: v for k, v in ckpt.items() if k not in ("format", "format_version")})
+    raw = torch.load(newer, weights_only=True)
+    raw["format_version"] = 99
+    torch.save(raw, newer)
+    with pytest.raises(ModelError, match="format 99"):
+        load_checkpoint(newer)
+    with pytest.raises(ModelError, match="not an edgecap checkpoint"):
+        torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+        load_checkpoint(tmp_path / "other.pt")
+    # Resuming a plain checkpoint as an attention model is refused.
+    assert train_main(["--resume", str(good), "--decoder", "attention"]) == 2
+    assert "plain" in capsys.readouterr().err
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}})
+    before = path.read_bytes()
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"model": Unpicklable()})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert train_main(["--data", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
+    assert train_main(["--data", "synthetic", "--optimizer", "adamw", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("caption-train: error:") for line in err)
+    assert "adamw" in err[1] and "adam" in err[1]
+
+
+def test_encoder_weights(tmp_path):
+    from edgecap.train.model import Encoder
+    with pytest.raises(ModelError, match="ImageNet"):
+        Encoder("resnet50", "imagenet")
+    with pytest.raises(ModelError, match="not found"):
+        Encoder("resnet50", str(tmp_path / "missing.pth"))
+    import torchvision
+    net = torchvision.models.resnet50()
+    torch.save(net.state_dict(), tmp_path / "r50.pth")
+    enc = Encoder("resnet50", str(tmp_path / "r50.pth"), finetune_blocks=1)
+    assert torch.equal(enc.body[0].weight, net.conv1.weight)
+    assert not enc.body[0].weight.requires_grad and enc.body[-1][0].conv1.weight.requires_grad
+
+
+def test_frozen_resnet50_feature_cache(tmp_path):
+    cfg = dict(data="synthetic", encoder="resnet50", image_size=64, epochs=1, synthetic_train=24, synthetic_dev=8,
+               batch_size=8, min_freq=1, embed_dim=16, hidden_dim=32, attention_dim=16, decoder="plain",
+               output=str(tmp_path / "run"))
+    record = train(TrainConfig(**cfg))
+    caches = sorted((tmp_path / "run" / "cache").glob("*.pt"))
+    assert len(caches) == 2  # train and dev features
+    feats = torch.load(caches[1], weights_only=True)
+    assert feats.dtype == torch.float16 and feats.shape[1:] == (4, 2048)  # 2x2 grid at 64 px
+    stamps = [p.stat().st_mtime_ns for p in caches]
+    train(TrainConfig(**{**cfg, "epochs": 2}), resume=tmp_path / "run" / "last.pt")
+    assert [p.stat().st_mtime_ns for p in caches] == stamps  # reused, not recomputed
+    assert record["epoch"] == 1
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--standalone", "-m", "edgecap.train.cli",
+           "--data", "synthetic", "--decoder", "attention", "--epochs", "1", "--synthetic-train", "64",
+           "--synthetic-dev", "8", "--batch-size", "8", "--min-freq", "1", "--embed-dim", "16",
+           "--hidden-dim", "32", "--attention-dim", "16", "--output", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["best.pt", "last.pt", "log.jsonl"]
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    assert "2 process(es)" in proc.stdout
