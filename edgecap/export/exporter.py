@@ -96,7 +96,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
         images = pre.batch(_images_from(opts.verify_images, opts.verify_count) if opts.verify_images
                            else _split_images(ckpt, "test", opts.verify_count))
         if opts.verify:
-            _verify(ref, OrtEngine(tmp, manifest), images, vocab_size=len(vocab), pre=pre, say=say)
+            verify_against_torch(ref, OrtEngine(tmp, manifest), images, vocab_size=len(vocab), pre=pre, say=say)
         if opts.fp16:
             _add_variant(manifest, tmp, "fp16", {r: convert_fp16 for r in manifest.graphs["fp32"]}, say)
         if opts.int8:
@@ -143,7 +143,7 @@ def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportO
         precision_notes={"fp32": {"made_by": f"torch.onnx.export opset {opts.opset}"}})
 
 
-def _verify(ref: TorchEngine, test: OrtEngine, images: np.ndarray, vocab_size: int, pre: Preprocessing,
+def verify_against_torch(ref: TorchEngine, test: OrtEngine, images: np.ndarray, vocab_size: int, pre: Preprocessing,
             say) -> None:
     """Per-output report on random and real inputs, then token-identical captions; any miss raises."""
     random = np.random.default_rng(0).standard_normal((4, 3, pre.size, pre.size)).astype(np.float32)

@@ -81,8 +81,8 @@ class Encoder(nn.Module):
             self.dim = widths[-1]
             side = -(-image_size // 16)
             # a learned pooled vector that keeps where things are (a mean would lose "left of")
-            self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim), nn.ReLU(),
-                                      nn.Linear(self.dim, self.dim))
+            self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim),
+                                      nn.BatchNorm1d(self.dim))
 
     @property
     def frozen(self) -> bool:

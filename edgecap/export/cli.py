@@ -1,0 +1,34 @@
+"""`export-onnx CKPT`: a verified ONNX model folder (encoder, decoder_init, decoder_step, manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgecap.runtime.console import run_main
+
+from .exporter import DEFAULT_OPSET, ExportOptions, export_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="export-onnx", description=__doc__)
+    p.add_argument("checkpoint", help="a checkpoint written by caption-train (best.pt, last.pt)")
+    p.add_argument("-o", "--output", type=Path, help="model folder (default: CKPT's folder / <name>-onnx)")
+    p.add_argument("--int8", action="store_true", help="add int8 graphs: static QDQ encoder, dynamic decoder")
+    p.add_argument("--calib", help="image folder or glob for int8 calibration (default: the training split)")
+    p.add_argument("--calib-count", type=int, default=64, help="calibration images (default: 64)")
+    p.add_argument("--fp16", action="store_true", help="add float16 graphs for GPU targets")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the ONNX Runtime vs PyTorch comparison (the ONNX checker still runs)")
+    p.add_argument("--verify-images", help="image folder or glob for verification (default: the test split)")
+    p.add_argument("--verify-count", type=int, default=16, help="verification images (default: 16)")
+    p.add_argument("--force", action="store_true", help="replace an existing model folder")
+    args = vars(p.parse_args(argv))
+    ckpt = args.pop("checkpoint")
+    return run_main(lambda: export_model(ckpt, ExportOptions(**args)) and None, "export-onnx")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""export-onnx: graphs, manifest, verification, precision variants and errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgecap.export.cli import main as export_main
+from edgecap.export.exporter import ExportOptions, export_model, verify_against_torch
+from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.engines.ort import OrtEngine
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.manifest import MANIFEST, Manifest, sha256
+from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
+from edgecap.train.engine import TorchEngine
+from edgecap.train.synthetic import SyntheticSplit
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """decoder -> model folder with fp32, fp16 and int8 graphs."""
+    out = {}
+    for decoder in ("plain", "attention"):
+        folder = tmp_path_factory.mktemp(f"onnx-{decoder}") / "model"
+        export_model(trained(decoder), ExportOptions(output=folder, int8=True, fp16=True, calib_count=32))
+        out[decoder] = folder
+    return out
+
+
+@pytest.mark.parametrize("decoder", ["plain", "attention"])
+def test_export_writes_verified_folder(exported, decoder):
+    folder = exported[decoder]
+    m = Manifest.load(folder)
+    assert m.decoder == decoder and set(m.graphs) == {"fp32", "fp16", "int8"}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [MANIFEST, "calibration.json"] + [g.file for roles in m.graphs.values() for g in roles.values()])
+    step = m.graphs["fp32"]["decoder_step"]
+    assert step.inputs[0].shape == ["batch"] and step.outputs[0].shape == ["batch", len(m.vocab)]
+    assert ("alpha" in step.output_names()) == (decoder == "attention")
+    props = {p.key: p.value for p in onnx.load(folder / step.file).metadata_props}
+    assert props["edgecap.role"] == "decoder_step" and props["edgecap.decoder"] == decoder
+    agreement = m.precision_notes["int8"]["agreement"]["greedy"]
+    assert agreement["images"] == 16 and agreement["identical"] >= 8
+
+
+def test_manifest_round_trip(exported, tmp_path):
+    m = Manifest.load(exported["attention"])
+    shutil.copytree(exported["attention"], tmp_path / "copy")
+    m.save(tmp_path / "copy")
+    assert Manifest.load(tmp_path / "copy").to_dict() == m.to_dict()
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "model"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_corrupt_manifest_and_files_are_refused(exported, tmp_path):
+    folder = _copy(exported["plain"], tmp_path)
+    raw = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(ModelError, match="unknown key"):
+        Manifest.load(folder)
+    (folder / MANIFEST).write_text(json.dumps({**raw, "vocab": raw["vocab"][:-1]}))
+    with pytest.raises(ModelError, match="vocabulary"):
+        Manifest.load(folder)
+    (folder / MANIFEST).write_text(json.dumps(raw))
+    step = folder / raw["graphs"]["fp32"]["decoder_step"]["file"]
+    step.write_bytes(step.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="hash"):
+        Manifest.load(folder)
+
+
+def test_tampered_graph_fails_verification(exported, trained, tmp_path):
+    folder = _copy(exported["attention"], tmp_path)
+    m = Manifest.load(folder)
+    path = folder / m.graphs["fp32"]["decoder_step"].file
+    graph = onnx.load(path)
+    init = max(graph.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight
+    w = numpy_helper.to_array(init).copy()
+    w.flat[: w.size // 10] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(graph, path)
+    m.graphs["fp32"]["decoder_step"].sha256 = sha256(path)
+    model, _, pre = model_from_checkpoint(load_checkpoint(trained("attention")))
+    split = SyntheticSplit("test", 8, image_size=pre.size)
+    images = pre.batch([split.image(i) for i in range(8)])
+    with pytest.raises(ModelError, match="differ"):
+        verify_against_torch(TorchEngine(model), OrtEngine(folder, m), images, len(m.vocab), pre, say=print)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_precision_variants_caption(exported, precision):
+    cap = Captioner.load(exported["attention"], precision=precision)
+    split = SyntheticSplit("test", 4, image_size=cap.preprocess.size)
+    results = cap.caption([split.image(i) for i in range(4)])
+    assert len(results) == 4 and all(r.words and r.attention.shape == (len(r.words), 49) for r in results)
+
+
+def test_int8_is_smaller(exported):
+    m = Manifest.load(exported["attention"])
+    for role, note in m.precision_notes["int8"]["graphs"].items():
+        assert note["bytes"] < note["fp32_bytes"], role
+
+
+def test_export_errors(trained, tmp_path, capsys):
+    ckpt = trained("plain")
+    out = tmp_path / "m"
+    out.mkdir()
+    assert export_main([str(ckpt), "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert export_main([str(ckpt), "-o", str(tmp_path / "x"), "--opset", "99"]) == 2
+    assert "opset 99" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert export_main([str(tmp_path / "junk.pt"), "-o", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("export-onnx: error:") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "m"]  # nothing half-written
+
+
+def test_export_default_folder_and_force(trained, tmp_path):
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(trained("plain"), ckpt)
+    assert export_main([str(ckpt), "--verify-count", "4"]) == 0
+    assert Manifest.load(tmp_path / "best-onnx").decoder == "plain"
+    assert export_main([str(ckpt), "--verify-count", "4", "--force", "--no-verify"]) == 0
