@@ -10,7 +10,7 @@ SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flick
 
 # Small but real: both decoders reach well-above-blind captions in about a minute on 2 cores.
 # Show and Tell sees the image only once, so it needs more epochs than Show, Attend and Tell.
-EPOCHS = {"plain": 8, "attention": 4}
+EPOCHS = {"plain": 8, "attention": 8}
 SMALL = dict(data="synthetic", synthetic_train=2000, synthetic_dev=100, batch_size=32, min_freq=1,
              embed_dim=64, hidden_dim=256, attention_dim=64, dropout=0.1, patience=10, seed=0)
 
@@ -30,3 +30,18 @@ def trained(tmp_path_factory):
         return cache[decoder]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """decoder -> model folder with fp32, fp16 and int8 graphs of the trained checkpoint."""
+    from edgecap.export.exporter import ExportOptions, export_model
+
+    class Folders(dict):
+        def __missing__(self, decoder: str) -> Path:
+            folder = tmp_path_factory.mktemp(f"onnx-{decoder}") / "model"
+            export_model(trained(decoder), ExportOptions(output=folder, int8=True, fp16=True, calib_count=32))
+            self[decoder] = folder
+            return folder
+
+    return Folders()

@@ -21,17 +21,6 @@ from edgecap.train.engine import TorchEngine
 from edgecap.train.synthetic import SyntheticSplit
 
 
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory):
-    """decoder -> model folder with fp32, fp16 and int8 graphs."""
-    out = {}
-    for decoder in ("plain", "attention"):
-        folder = tmp_path_factory.mktemp(f"onnx-{decoder}") / "model"
-        export_model(trained(decoder), ExportOptions(output=folder, int8=True, fp16=True, calib_count=32))
-        out[decoder] = folder
-    return out
-
-
 @pytest.mark.parametrize("decoder", ["plain", "attention"])
 def test_export_writes_verified_folder(exported, decoder):
     folder = exported[decoder]

@@ -138,7 +138,7 @@ def _beam(engine: Engine, state: Arrays, context: Arrays, opts: SearchOptions) -
                 row = i * k + beam
                 if word == Vocabulary.end_id:
                     if rank < k:
-                        a = None if out.attention is None else _history(attn, row, out.attention[row])
+                        a = None if out.attention is None else _history(attn, row, out.attention.shape[1])
                         ended[i].append(Hypothesis(seqs[row].tolist(), float(total),
                                                    float(total / (t + 1) ** opts.length_penalty), a, True))
                     continue
@@ -166,9 +166,9 @@ def _beam(engine: Engine, state: Arrays, context: Arrays, opts: SearchOptions) -
     return [sorted(h, key=lambda x: -x.score)[: opts.num_return_sequences] for h in ended]
 
 
-def _history(attn: np.ndarray | None, row: int, last: np.ndarray) -> np.ndarray:
-    """Attention of a beam's past words plus the one just chosen: [t+1, R]."""
-    return last[None] if attn is None else np.concatenate([attn[row], last[None]], 0)
+def _history(attn: np.ndarray | None, row: int, regions: int) -> np.ndarray:
+    """Attention while choosing each of a beam's words so far: [t, R]."""
+    return np.zeros((0, regions), np.float32) if attn is None else attn[row].copy()
 
 
 def _is_done(ended: list[Hypothesis], best_alive: float, length: int, opts: SearchOptions) -> bool:

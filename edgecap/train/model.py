@@ -59,7 +59,7 @@ class Encoder(nn.Module):
     """Image [B, 3, S, S] -> regions [B, R, D] and pooled [B, D] (R = 7x7 at 224 for ResNet50)."""
 
     def __init__(self, name: str = "resnet50", weights: str = "none", finetune_blocks: int = 0,
-                 image_size: int = 224):
+                 image_size: int = 224, learned_pool: bool = False):
         super().__init__()
         self.pool: nn.Module = _MeanPool()
         if name == "resnet50":
@@ -80,9 +80,9 @@ class Encoder(nn.Module):
                                         for i, o in zip(widths[:-1], widths[1:])))
             self.dim = widths[-1]
             side = -(-image_size // 16)
-            # a learned pooled vector that keeps where things are (a mean would lose "left of")
-            self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim),
-                                      nn.BatchNorm1d(self.dim))
+            if learned_pool:  # a pooled vector that keeps where things are (a mean would lose "left of")
+                self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim),
+                                          nn.BatchNorm1d(self.dim))
 
     @property
     def frozen(self) -> bool:
@@ -213,7 +213,8 @@ class CaptionModel(nn.Module):
         if cfg.vocab_size < 5:
             raise ValueError("vocab_size must be set from the vocabulary")
         self.cfg = cfg
-        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, cfg.finetune_blocks, cfg.image_size)
+        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, cfg.finetune_blocks, cfg.image_size,
+                               learned_pool=cfg.decoder == "plain")
         decoder_cls = AttentionDecoder if cfg.decoder == "attention" else PlainDecoder
         self.decoder = decoder_cls(cfg, self.encoder.dim)
 

@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None,
         else:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
         loader = DataLoader(dataset, cfg.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=cfg.workers, drop_last=False)
+                            num_workers=cfg.workers, drop_last=len(dataset) > cfg.batch_size)
         module.train()
         if cached:
             model.encoder.eval()
