@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Latency benchmark: PyTorch eager against ONNX Runtime (fp32, int8, fp16, CUDA, TensorRT) on the same images.
+
+Every variant runs in its own freshly spawned process through the same Captioner and search code, so its
+peak resident memory (the process's VmHWM) is its own. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+import edgecap
+from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.engines.ort import PROVIDERS, OrtEngine
+from edgecap.runtime.errors import DataError, EdgecapError, ModelError
+from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.search import SearchOptions
+from edgecap.runtime.sources import open_source
+from edgecap.runtime.timing import PERCENTILES
+from edgecap.train.synthetic import SyntheticSplit
+
+REFERENCE = "torch"
+SPEEDUP_SEARCH = "beam3"
+VARIANTS = {  # name -> (engine, precision, device)
+    "torch": ("torch", "fp32", "cpu"), "ort-fp32": ("ort", "fp32", "cpu"), "ort-int8": ("ort", "int8", "cpu"),
+    "ort-fp16": ("ort", "fp16", "cpu"), "torch-cuda": ("torch", "fp32", "cuda"),
+    "cuda-fp32": ("ort", "fp32", "cuda"), "cuda-fp16": ("ort", "fp16", "cuda"),
+    "trt-fp32": ("ort", "fp32", "tensorrt"), "trt-fp16": ("ort", "fp16", "tensorrt"),
+}
+DEFAULT_VARIANTS = [n for n in VARIANTS if n != "ort-fp16"]  # ORT's CPU EP computes fp16 graphs via fp32 casts
+MATMUL_N = 2048
+
+
+def search_name(beams: int) -> str:
+    return "greedy" if beams == 1 else f"beam{beams}"
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return dict(zip((f"p{q}" for q in PERCENTILES), np.percentile(values, PERCENTILES).tolist()))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux VmHWM; unlike ru_maxrss, not inherited across spawn)."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def load_captioner(name: str, args: argparse.Namespace) -> Captioner:
+    engine, precision, device = VARIANTS[name]
+    if engine == "ort":
+        return Captioner.load(args.model, precision=precision, device=device, threads=args.threads)
+    import torch
+
+    from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgecap.train.engine import TorchEngine
+
+    torch.set_num_threads(args.threads)
+    model, _, _ = model_from_checkpoint(load_checkpoint(args.ckpt))
+    manifest = Manifest.load(args.model)
+    return Captioner(manifest, TorchEngine(model.to(device), device), SearchOptions(**manifest.search))
+
+
+def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, opts: SearchOptions,
+               args: argparse.Namespace, bar: tqdm) -> tuple[list[dict[str, float]], dict[int, list[int]]]:
+    """Warm up, then time `repeats` batches cycling through the images; -> timed runs, tokens by image index."""
+    runs, tokens = [], {}
+    for r in range(args.warmup + args.repeats):
+        idx = [(r * batch + j) % len(images) for j in range(batch)]
+        captions = captioner.caption_batch([images[i] for i in idx], opts)
+        if r >= args.warmup:
+            runs.append(captions[0].timings)
+        tokens.update(zip(idx, (c.tokens for c in captions)))
+        bar.update()
+    return runs, tokens
+
+
+def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict:
+    """Run in a fresh process: one variant's latencies, throughput, captions and peak memory."""
+    baseline = peak_rss_mb()
+    captioner = load_captioner(name, args)
+    engine = captioner.engine
+    provider = engine.sessions["encoder"].get_providers()[0] if isinstance(engine, OrtEngine) else f"torch {engine.device}"
+    latency, tokens = {}, {}
+    with tqdm(total=(len(args.beams) + 1) * (args.warmup + args.repeats), desc=name) as bar:
+        for k in args.beams:
+            opts = SearchOptions(**{**captioner.manifest.search, "num_beams": k})
+            runs, seen = timed_runs(captioner, images, 1, opts, args, bar)
+            for i in sorted(set(range(len(images))) - seen.keys()):  # every image for the agreement check
+                seen[i] = captioner.caption_batch([images[i]], opts)[0].tokens
+            latency[search_name(k)] = percentiles([t["total_ms"] for t in runs])
+            tokens[search_name(k)] = [seen[i] for i in range(len(images))]
+            if k == 1:
+                latency["encoder"] = percentiles([t["encoder_ms"] for t in runs])
+                latency["decoder_per_word"] = percentiles([t["decoder_per_word_ms"] for t in runs])
+        greedy = SearchOptions(**{**captioner.manifest.search, "num_beams": 1})
+        batch_ms = [t["total_ms"] for t in timed_runs(captioner, images, args.batch, greedy, args, bar)[0]]
+    return {"engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
+            "provider": provider, "threads": args.threads, "latency_ms": latency,
+            "throughput": {"batch": args.batch, "images_per_s": args.batch * len(batch_ms) * 1e3 / sum(batch_ms),
+                           "batch_ms": percentiles(batch_ms)},
+            "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "tokens": tokens}
+
+
+def skip_reason(name: str, manifest: Manifest) -> str | None:
+    """Why a variant cannot run here, or None."""
+    engine, precision, device = VARIANTS[name]
+    if precision not in manifest.graphs:
+        return f"model folder has no {precision} graphs (export with --{precision})"
+    if engine == "torch":
+        import torch
+
+        return None if device == "cpu" or torch.cuda.is_available() else "PyTorch here has no CUDA device"
+    provider = PROVIDERS[device][0]
+    return None if provider in ort.get_available_providers() else f"ONNX Runtime here has no {provider}"
+
+
+def run_variant(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict | str:
+    """The variant's results from a fresh spawned process, or the one-line reason it failed."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # exits cleanly, unlike Pool
+            return pool.submit(measure, name, args, images).result()
+    except Exception as e:  # one broken variant (e.g. a TensorRT build failure) must not lose the others
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"failed: {type(e).__name__}: {first}"
+
+
+def physical_floor(ckpt: dict, threads: int) -> dict:
+    """Encoder FLOPs at batch 1 over this machine's fp32 matmul rate: the encoder's latency floor."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edgecap.train.checkpoint import model_from_checkpoint
+
+    torch.set_num_threads(threads)
+    model, _, pre = model_from_checkpoint(ckpt)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encoder(torch.zeros(1, 3, pre.size, pre.size))
+    flops = counter.get_total_flops()
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    times = []
+    for _ in range(6):  # the first is a warm-up
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - t0)
+    rate = 2 * MATMUL_N ** 3 / min(times[1:]) / 1e9
+    return {"encoder_gflops": flops / 1e9, "encoder_gmacs": flops / 2e9, "matmul_gflops_per_s": rate,
+            "floor_ms": flops / 1e9 / rate * 1e3, "method": f"FlopCounterMode on one batch-1 encoder forward; "
+            f"best of 5 {MATMUL_N}x{MATMUL_N} fp32 torch.matmul on {threads} threads"}
+
+
+def machine(threads: int) -> dict:
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")),
+               platform.processor() or platform.machine())
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "ort_providers": ort.get_available_providers(),
+            "versions": {"python": platform.python_version(), "edgecap": edgecap.__version__, "numpy": np.__version__,
+                         "onnxruntime": ort.__version__, "torch": str(torch.__version__)}}
+
+
+def load_images(args: argparse.Namespace, size: int) -> tuple[list[np.ndarray], str]:
+    """The first --count readable images of --images (sorted), else synthetic scenes at the model's size."""
+    if args.images:
+        with open_source(args.images) as src:
+            images = list(itertools.islice((f.rgb for f in src if f.rgb is not None), args.count))
+        if not images:
+            raise DataError(f"no readable images in {args.images}")
+        return images, args.images
+    split = SyntheticSplit("test", args.count, image_size=size)
+    return [split.image(i) for i in range(len(split))], "synthetic test scenes"
+
+
+def add_ratios(variants: dict[str, dict]) -> None:
+    """Speed-up over PyTorch eager, wider beams' cost over greedy, and caption agreement with PyTorch eager."""
+    tokens = {name: v.pop("tokens") for name, v in variants.items()}
+    ref = variants.get(REFERENCE)
+    for name, v in variants.items():
+        lat, searches = v["latency_ms"], list(tokens[name])
+        v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in searches if s != "greedy"}
+        v["speedup_vs_torch"] = {s: ref["latency_ms"][s]["p50"] / lat[s]["p50"] for s in searches} if ref else None
+        v["agreement_with_torch"] = {s: {"identical": sum(a == b for a, b in zip(tokens[name][s], tokens[REFERENCE][s])),
+                                         "images": len(tokens[name][s])} for s in searches} if ref else None
+
+
+def fmt(x: float | None, digits: int = 2, unit: str = "") -> str:
+    return "–" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def markdown(report: dict) -> str:
+    s, variants = report["settings"], report["variants"]
+    searches, widest = [search_name(k) for k in s["beams"]], search_name(max(s["beams"]))
+    head = ["variant", "encoder p50", "decoder/word p50", "greedy p50", "greedy p90", "greedy p99",
+            *(f"{x} p50" for x in searches[1:]), f"{widest}/greedy", f"throughput img/s (batch {s['batch']})",
+            "peak RSS MB", f"speed-up vs torch ({SPEEDUP_SEARCH})", f"identical to torch ({', '.join(searches)})"]
+    rows = []
+    for name, v in variants.items():
+        lat, agree, speed = v["latency_ms"], v["agreement_with_torch"], v["speedup_vs_torch"] or {}
+        rows.append([name, fmt(lat["encoder"]["p50"]), fmt(lat["decoder_per_word"]["p50"]),
+                     *(fmt(lat["greedy"][p]) for p in ("p50", "p90", "p99")), *(fmt(lat[x]["p50"]) for x in searches[1:]),
+                     fmt(v["cost_vs_greedy"].get(widest), 1, "×"), fmt(v["throughput"]["images_per_s"], 1),
+                     fmt(v["peak_rss_mb"], 0), fmt(speed.get(SPEEDUP_SEARCH), 2, "×"),
+                     ", ".join(f"{a['identical']}/{a['images']}" for a in agree.values()) if agree else "–"])
+    lines = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
+    floor = report["floor"]
+    lines += ["", f"Milliseconds per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over "
+              f"{s['repeats']} runs after {s['warmup']} warm-up, {s['threads']} threads, {s['count']} images "
+              f"({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM).",
+              f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / {floor['matmul_gflops_per_s']:.1f} "
+              f"GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} ms; encoder p50 / floor: "
+              + ", ".join(f"{n} {v['latency_ms']['encoder']['p50'] / floor['floor_ms']:.1f}×"
+                          for n, v in variants.items()) + "."]
+    if "ort-int8" in variants and variants["ort-int8"]["speedup_vs_torch"]:
+        lines.append("int8 vs PyTorch eager: " + ", ".join(
+            f"{x} {r:.2f}×" for x, r in variants["ort-int8"]["speedup_vs_torch"].items()) + " faster.")
+    for name, v in variants.items():
+        if v["agreement_with_torch"]:
+            a = v["agreement_with_torch"]
+            differ = sum(x["images"] - x["identical"] for x in a.values())
+            lines.append(f"{name}: {differ} of {sum(x['images'] for x in a.values())} captions differ from torch ("
+                         + ", ".join(f"{x} {y['images'] - y['identical']}" for x, y in a.items()) + ").")
+    lines += [f"Skipped {name}: {why}" for name, why in report["skipped"].items()]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Grouped bars: end-to-end p50 per variant and search, whiskers up to p90."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, searches = list(report["variants"]), [search_name(k) for k in report["settings"]["beams"]]
+    x, width = np.arange(len(names)), 0.8 / len(searches)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 4.5))
+    values = []
+    for j, s in enumerate(searches):
+        p50 = np.array([report["variants"][n]["latency_ms"][s]["p50"] for n in names])
+        p90 = np.array([report["variants"][n]["latency_ms"][s]["p90"] for n in names])
+        ax.bar(x + j * width, p50, width, yerr=[np.zeros_like(p50), p90 - p50], capsize=3, label=s)
+        values += [*p50, *p90]
+    if max(values) / max(min(values), 1e-9) > 20:
+        ax.set_yscale("log")
+    ax.set_xticks(x + width * (len(searches) - 1) / 2, names)
+    ax.set_ylabel("ms per image, batch 1 (bar p50, whisker p90)")
+    ax.set_title(f"edgecap end-to-end caption latency, {report['settings']['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    def names(text: str) -> list[str]:
+        bad = [n for n in text.split(",") if n not in VARIANTS]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+        return text.split(",")
+
+    def integer(minimum: int):
+        def parse(text: str) -> int:
+            if not text.isdigit() or int(text) < minimum:
+                raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+            return int(text)
+        return parse
+
+    positive = integer(1)
+
+    p = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint (.pt) for the PyTorch eager reference and the FLOPs")
+    p.add_argument("--model", required=True, help="model folder written by export-onnx")
+    p.add_argument("--images", help="image folder or glob (default: synthetic scenes at the model's size)")
+    p.add_argument("--count", type=positive, default=20, help="images to use (default 20)")
+    p.add_argument("--warmup", type=integer(0), default=3, help="untimed runs per measurement (default 3)")
+    p.add_argument("--repeats", type=positive, default=20, help="timed runs per measurement (default 20)")
+    p.add_argument("--threads", type=positive, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    p.add_argument("--batch", type=positive, default=8, help="batch for the greedy throughput (default 8)")
+    p.add_argument("--beams", type=lambda t: sorted({1, *map(positive, t.split(","))}), default=[1, 3, 5],
+                   help="beam widths at batch 1 (default 1,3,5; greedy is always measured)")
+    p.add_argument("--variants", type=names, default=DEFAULT_VARIANTS,
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but ort-fp16)")
+    p.add_argument("--json", help="write all numbers here")
+    p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    from edgecap.train.checkpoint import load_checkpoint  # torch: only here, never in the variants' processes
+
+    args = parse_args(sys.argv[1:])
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    try:
+        manifest = Manifest.load(args.model)
+        ckpt = load_checkpoint(args.ckpt)
+        if ckpt["vocab"] != manifest.vocab:
+            raise ModelError(f"{args.ckpt} and {args.model} are different models (their vocabularies differ)")
+        floor = physical_floor(ckpt, args.threads)
+        images, source = load_images(args, manifest.preprocess.size)
+    except EdgecapError as e:
+        print(f"latency.py: error: {e}", file=sys.stderr)
+        return 2
+    variants, skipped = {}, {}
+    for name in args.variants:
+        result = skip_reason(name, manifest) or run_variant(name, args, images)
+        if isinstance(result, str):
+            skipped[name] = result
+            print(f"skipped {name}: {result}", file=sys.stderr)
+        else:
+            variants[name] = result
+    if not variants:
+        print("latency.py: error: no variant could run (" + "; ".join(f"{n}: {w}" for n, w in skipped.items()) + ")",
+              file=sys.stderr)
+        return 1
+    add_ratios(variants)
+    report = {"command": command, "machine": machine(args.threads), "floor": floor,
+              "settings": {"images": source, "count": len(images), "image_size": manifest.preprocess.size,
+                           "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+                           "batch": args.batch, "beams": args.beams, "search": manifest.search},
+              "variants": variants, "skipped": skipped}
+    table = markdown(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(f"`{command}`\n\n{table}\n")
+    if args.plot:
+        plot(report, args.plot)
+    print(f"{table}\n\ncommand: {command}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

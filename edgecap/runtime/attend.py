@@ -1,0 +1,43 @@
+"""`caption-attend IMAGE`: the Show-Attend-Tell figure — each word of the caption with its attention map."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .captioner import Captioner
+from .console import run_main
+from .errors import ModelError
+from .preprocess import read_rgb
+from .render import attention_figure, save_rgb
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="caption-attend", description=__doc__)
+    p.add_argument("image", help="an image file")
+    p.add_argument("--model", default=os.environ.get("EDGECAP_MODEL", "model"),
+                   help="model folder (default: $EDGECAP_MODEL, then ./model)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
+    p.add_argument("-o", "--output", type=Path, help="PNG to write (default: IMAGE.attention.png)")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        search = {} if args.beams is None else {"num_beams": args.beams}
+        cap = Captioner.load(args.model, precision=args.precision, **search)
+        if cap.manifest.decoder != "attention":
+            raise ModelError(f"{args.model} holds a {cap.manifest.decoder} model; attention maps need an "
+                             "attention model")
+        rgb = read_rgb(args.image)
+        result = cap.caption(rgb)
+        out = args.output or Path(args.image).with_suffix(".attention.png")
+        save_rgb(out, attention_figure(rgb, result.words, result.attention))
+        print(f"{result.text}\nattention figure: {out}")
+
+    return run_main(body, "caption-attend")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""`caption-run SOURCE...`: caption images, folders, globs, videos, cameras and streams with an exported model.
+
+The loop is capture -> caption -> print/save/show -> report. File sources are captioned in batches for
+throughput; live sources (cameras, streams) one frame at a time, always the newest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import cv2
+
+from .captioner import ENGINES, Caption, Captioner
+from .console import choice_error, run_main
+from .errors import EdgecapError, ModelError
+from .manifest import PRECISIONS
+from .render import attention_figure, draw_caption, save_rgb
+from .sources import Frame, Source, open_source
+from .timing import TimingStats
+
+PROG = "caption-run"
+DEVICES = ("cpu", "cuda")
+SEARCH_FLAGS = {"beams": "num_beams", "max_length": "max_length", "length_penalty": "length_penalty",
+                "n_best": "num_return_sequences"}  # flag -> SearchOptions field; unset flags keep the manifest's
+STAGES = ("preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms")
+QUIT_KEYS = (ord("q"), 27)  # q, ESC
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
+    p.add_argument("--model", help="model folder made by export-onnx (default: $EDGECAP_MODEL, then ./model)")
+    p.add_argument("--engine", default="ort", metavar="{ort,trt}", help="ONNX Runtime or TensorRT (default: ort)")
+    p.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="for --engine ort (default: cpu)")
+    p.add_argument("--precision", default="fp32", metavar="{fp32,fp16,int8}", help="graphs to run (default: fp32)")
+    p.add_argument("--beams", type=int, help="beam width, 1 = greedy (default: the model's)")
+    p.add_argument("--max-length", type=int, help="most words per caption (default: the model's)")
+    p.add_argument("--length-penalty", type=float, help="score = log p / length ** X (default: the model's)")
+    p.add_argument("--n-best", type=int, help="also give the N best captions (N <= --beams)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--batch", type=int, default=8, help="images per batch for file sources (default: 8)")
+    p.add_argument("--every", type=int, default=1, help="caption every N-th frame of a video (default: 1)")
+    p.add_argument("--max-fps", type=float, help="caption at most F frames per second")
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of SOURCE<TAB>caption")
+    p.add_argument("--save", type=Path, metavar="DIR", help="write each image with its caption as DIR/<name>.jpg")
+    p.add_argument("--attention", action="store_true", help="with --save: also DIR/<name>.attention.png")
+    p.add_argument("--show", action="store_true", help="show captioned frames in a window (q or ESC quits)")
+    p.add_argument("--quiet", action="store_true", help="no timing report on stderr")
+    return p
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad option values before the (slow) model load."""
+    for kind, value, choices in (("engine", args.engine, ENGINES), ("device", args.device, DEVICES),
+                                 ("precision", args.precision, PRECISIONS)):
+        if value not in choices:
+            raise choice_error(kind, value, choices)
+    if args.batch < 1:
+        raise EdgecapError(f"--batch must be at least 1, got {args.batch}")
+    if args.attention and args.save is None:
+        raise EdgecapError("--attention writes figures next to the captioned images: add --save DIR")
+    if args.show:
+        check_display()
+
+
+def check_display() -> None:
+    """--show needs an OpenCV built with a GUI and, on Linux, a display to open a window on."""
+    gui = re.search(r"GUI:\s*(\w+)", cv2.getBuildInformation())
+    if gui and gui[1] == "NONE":
+        raise EdgecapError("--show needs OpenCV with GUI support, and this OpenCV is a headless build "
+                           "(opencv-python-headless); use --save DIR instead")
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise EdgecapError("--show needs a display, and neither DISPLAY nor WAYLAND_DISPLAY is set; "
+                           "use --save DIR instead")
+
+
+def load_captioner(args: argparse.Namespace) -> Captioner:
+    """The model folder (--model, $EDGECAP_MODEL, ./model) with the typed search flags over its defaults."""
+    folder = Path(args.model or os.environ.get("EDGECAP_MODEL") or "model")
+    if not folder.is_dir():
+        raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
+                         "then pass --model or set $EDGECAP_MODEL)")
+    search = {field: v for flag, field in SEARCH_FLAGS.items() if (v := getattr(args, flag)) is not None}
+    captioner = Captioner.load(folder, args.engine, args.precision, args.device, args.threads, **search)
+    if args.attention and captioner.manifest.decoder != "attention":
+        raise EdgecapError(f"--attention needs an attention model; {folder} has a "
+                           f"{captioner.manifest.decoder} decoder")
+    return captioner
+
+
+class Output:
+    """Where each captioned frame goes: a stdout line (text or JSON), annotated files, a window."""
+
+    def __init__(self, args: argparse.Namespace, n_best: bool) -> None:
+        self.json, self.save, self.attention, self.show, self.n_best = (
+            args.json, args.save, args.attention, args.show, n_best)
+        self.names: set[str] = set()
+        if self.save:
+            self.save.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, frame: Frame, caption: Caption, batch: int) -> bool:
+        """Emit one result; False once the user has closed the window."""
+        if self.json:
+            record = {"source": frame.source, "caption": caption.text, "words": caption.words,
+                      "score": caption.score, "batch": batch}
+            if self.n_best:
+                record["alternatives"] = [{"caption": text, "score": s} for text, s in caption.alternatives]
+            record["timings"] = {k: round(ms / batch, 3) for k, ms in caption.timings.items()}  # per image
+            print(json.dumps(record), flush=True)
+        else:
+            print(f"{frame.source}\t{caption.text}", flush=True)
+        if self.save is None and not self.show:
+            return True
+        annotated = draw_caption(frame.rgb, caption.text)
+        if self.save is not None:
+            name = self.name(frame.source)
+            save_rgb(self.save / f"{name}.jpg", annotated)
+            if self.attention:
+                figure = attention_figure(frame.rgb, caption.words, caption.attention)
+                save_rgb(self.save / f"{name}.attention.png", figure)
+        if self.show:
+            cv2.imshow(PROG, cv2.cvtColor(annotated, cv2.COLOR_RGB2BGR))
+            return (cv2.waitKey(1) & 0xFF) not in QUIT_KEYS
+        return True
+
+    def name(self, source: str) -> str:
+        """File stem from the frame's source (`clip-000012` for frame 12 of clip.avi), unique in this run."""
+        path, number = m.groups() if (m := re.fullmatch(r"(.*)#(\d+)", source)) else (source, None)
+        stem = re.sub(r"[^\w.-]+", "_", Path(path).stem) or "frame"
+        base = f"{stem}-{int(number):06d}" if number else stem
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}-{k}"
+        self.names.add(name)
+        return name
+
+
+def batches(sources: list[Source], size: int) -> Iterator[list[Frame]]:
+    """Frames in lists of `size` for file sources, one at a time (the newest) for live sources."""
+    for source in sources:
+        frames = iter(source)
+        while chunk := list(itertools.islice(frames, 1 if source.live else size)):
+            yield chunk
+
+
+def readable(frames: list[Frame], stats: TimingStats) -> list[Frame]:
+    """The frames that have an image; the others are warned about and counted as failures."""
+    for frame in frames:
+        if frame.rgb is None:
+            print(f"{PROG}: warning: {frame.error}", file=sys.stderr)
+            stats.failures += 1
+    return [f for f in frames if f.rgb is not None]
+
+
+def caption_run(args: argparse.Namespace) -> int:
+    """The command's body: 0 when every input was captioned, 1 when some could not be read."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our one-line errors say it instead
+    check_options(args)
+    captioner = load_captioner(args)
+    with ExitStack() as stack:
+        sources = [stack.enter_context(open_source(uri, args.every, args.max_fps)) for uri in args.sources]
+        output = Output(args, n_best=captioner.options.num_return_sequences > 1)
+        stats = TimingStats()
+        try:
+            for chunk in batches(sources, args.batch):
+                start = time.perf_counter()
+                if not (frames := readable(chunk, stats)):
+                    continue
+                captions = captioner.caption_batch([f.rgb for f in frames])
+                going = all([output(f, c, len(frames)) for f, c in zip(frames, captions)])
+                end_to_end = {"end_to_end_ms": (time.perf_counter() - start) * 1e3}
+                stats.add({**{k: captions[0].timings[k] for k in STAGES}, **end_to_end}, len(frames))
+                if not going:
+                    break
+        finally:  # also on Ctrl-C or a dropped stream: the report so far
+            if args.show:
+                cv2.destroyAllWindows()
+            if not args.quiet:
+                print(stats.report(PROG), file=sys.stderr)
+    return 1 if stats.failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: caption_run(args), PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""`caption-eval`: COCO caption metrics of a checkpoint or a model folder on a data set split.
+
+Greedy and beam search side by side, with what a weak model needs beside BLEU: CIDEr-D, the number of
+distinct captions, and an image-shuffle check (the same captions scored against other images' references).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgecap.runtime.captioner import ENGINES, make_engine
+from edgecap.runtime.console import run_main
+from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.search import SearchOptions
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .data import open_splits
+from .engine import TorchEngine
+from .evaluate import caption_split
+from .metrics import corpus_stats, java_available, score_captions
+
+SHUFFLE_METRICS = ("BLEU-4", "CIDEr-D")
+
+
+def _engine(model: Path, engine: str, precision: str, device: str):
+    """A checkpoint runs through PyTorch; a model folder through the named runtime engine."""
+    if model.is_file():
+        net, vocab, pre = model_from_checkpoint(load_checkpoint(model))
+        return TorchEngine(net), vocab, pre, "torch", "fp32"
+    manifest = Manifest.load(model)
+    return make_engine(model, manifest, engine, precision, device, None), manifest.vocabulary, \
+        manifest.preprocess, engine, precision
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    engine, vocab, pre, engine_name, precision = _engine(Path(args.model), args.engine, args.precision, args.device)
+    splits, desc = open_splits(args.data, layout=args.layout, on_missing="skip", image_size=pre.size)
+    split = splits[args.split]
+    n = min(args.limit or len(split), len(split))
+    refs = {split.key(i): split.captions(i) for i in range(n)}
+    tokenizer = "ptb" if java_available() and not args.no_java else "simple"
+    metrics = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D") if tokenizer == "ptb" else ("BLEU", "ROUGE-L", "CIDEr-D")
+    metrics += ("SPICE",) if args.spice else ()
+    report = {"model": str(args.model), "engine": engine_name, "precision": precision, "data": desc,
+              "split": args.split, "images": n, "tokenizer": tokenizer, "results": {}, "captions": {}}
+    rng = np.random.default_rng(0)
+    keys = list(refs)
+    shuffled_keys = [keys[j] for j in rng.permutation(len(keys))]
+    for beams in args.beams:
+        name = "greedy" if beams == 1 else f"beam{beams}"
+        opts = SearchOptions(num_beams=beams, max_length=args.max_length)
+        hyps = caption_split(engine, split, pre, opts, n, progress=True)
+        texts = {k: vocab.decode(h.tokens) for k, h in hyps.items()}
+        shuffled = {k: texts[s] for k, s in zip(keys, shuffled_keys)}
+        report["results"][name] = {
+            "scores": score_captions(refs, texts, tokenizer=tokenizer, metrics=metrics),
+            "shuffled": score_captions(refs, shuffled, tokenizer=tokenizer, metrics=SHUFFLE_METRICS),
+            "stats": corpus_stats(texts)}
+        report["captions"][name] = texts
+    return report
+
+
+def markdown(report: dict) -> str:
+    """A short table: one row per search setting."""
+    names = [m for m in next(iter(report["results"].values()))["scores"]]
+    head = ["search", *names, "distinct", "shuffled BLEU-4", "shuffled CIDEr-D"]
+    lines = [f"{report['model']} ({report['engine']} {report['precision']}) on {report['split']}, "
+             f"{report['images']} images, {report['tokenizer']} tokenizer", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in report["results"].items():
+        cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in r["scores"].values()]
+        cells += [str(r["stats"]["distinct_captions"]), f"{r['shuffled']['BLEU-4']:.3f}",
+                  f"{r['shuffled']['CIDEr-D']:.3f}"]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="caption-eval", description=__doc__)
+    p.add_argument("--model", required=True, help="a checkpoint (.pt) or a model folder")
+    p.add_argument("--data", required=True, help="data set folder/file, or synthetic")
+    p.add_argument("--layout", help="force a data layout")
+    p.add_argument("--split", default="test", choices=("dev", "test"))
+    p.add_argument("--engine", default="ort", choices=ENGINES, help="runtime engine for a model folder")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--beams", default="1,3", type=lambda s: [int(b) for b in s.split(",")],
+                   help="comma-separated beam widths, 1 = greedy (default: 1,3)")
+    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--limit", type=int, help="first N images of the split")
+    p.add_argument("--spice", action="store_true", help="also try SPICE (needs Stanford CoreNLP models)")
+    p.add_argument("--no-java", action="store_true", help="simple tokenizer, no METEOR (no Java needed)")
+    p.add_argument("--json", type=Path, help="write scores and captions here")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    args = p.parse_args(argv)
+
+    def body() -> None:
+        report = evaluate(args)
+        table = markdown(report)
+        print(table)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        if args.markdown:
+            args.markdown.write_text(table + "\n")
+
+    return run_main(body, "caption-eval")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

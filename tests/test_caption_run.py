@@ -1,0 +1,293 @@
+"""caption-run: output modes, parity with the API and PyTorch, saving, errors, the timing report."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edgecap.runtime import cli, sources
+from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.cli import main
+from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.search import SearchOptions, search
+from edgecap.runtime.timing import TimingStats
+from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
+from edgecap.train.engine import TorchEngine
+from edgecap.train.synthetic import SyntheticSplit
+
+N = 6          # scenes in the folder
+FRAMES = 10    # frames in the video
+REPORT_LINE = re.compile(r"^  (\S.*?)\s+p50\s+(\S+)\s+p90\s+(\S+)\s+p99\s+(\S+)$", re.M)
+
+
+@pytest.fixture(scope="module")
+def split() -> SyntheticSplit:
+    return SyntheticSplit("test", max(N, FRAMES), image_size=112)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory, split) -> Path:
+    """N scene PNGs plus one corrupt JPEG (sorted last)."""
+    folder = tmp_path_factory.mktemp("scenes")
+    for i in range(N):
+        cv2.imwrite(str(folder / f"scene{i}.png"), cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
+    (folder / "zz-corrupt.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, split) -> Path:
+    """A FRAMES-frame MJPG video of scenes."""
+    path = tmp_path_factory.mktemp("video") / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (112, 112))
+    for i in range(FRAMES):
+        writer.write(cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def records(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def report_percentiles(err: str) -> dict[str, tuple[float, float, float]]:
+    return {m[1]: tuple(map(float, m.groups()[1:])) for m in REPORT_LINE.finditer(err)}
+
+
+def one_line_error(code: int, err: str) -> str:
+    """Assert the run failed with exactly one `caption-run: error:` line and return it."""
+    assert code == 2 and err.count("\n") == 1 and err.startswith("caption-run: error: "), err
+    return err
+
+
+def torch_captions(ckpt: Path, images: list[np.ndarray], opts: SearchOptions) -> list[str]:
+    """The PyTorch reference: the checkpoint's own modules driven by the shared search."""
+    model, vocab, pre = model_from_checkpoint(load_checkpoint(ckpt))
+    engine = TorchEngine(model)
+    state, context = engine.prepare(engine.encode(pre.batch(images)))
+    return [vocab.decode(hyps[0].tokens) for hyps in search(engine, state, context, opts)]
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_folder_captions_match_api_and_torch(exported, trained, scenes, split, capsys, beams):
+    folder = exported["attention"]
+    code, out, err = run(capsys, "--model", folder, "--beams", beams, "--batch", 4, scenes)
+    assert code == 1  # the corrupt file
+    assert f"caption-run: warning: not a readable image: {scenes / 'zz-corrupt.jpg'}" in err
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [src for src, _ in lines] == [str(scenes / f"scene{i}.png") for i in range(N)]
+    said = [text for _, text in lines]
+    images = [split.image(i) for i in range(N)]
+    api = [c.text for c in Captioner.load(folder, num_beams=beams).caption(images)]
+    reference = torch_captions(trained("attention"),
+                               images, SearchOptions(**{**Manifest.load(folder).search, "num_beams": beams}))
+    assert said == api == reference
+
+
+def test_video_jsonl_every_and_n_best(exported, clip, capsys):
+    code, out, err = run(capsys, "--model", exported["attention"], "--json", clip)
+    assert code == 0
+    recs = records(out)  # stdout is pure JSONL: the report is on stderr
+    assert [r["source"] for r in recs] == [f"{clip}#{i}" for i in range(FRAMES)]
+    for r in recs:
+        assert r["caption"] == " ".join(r["words"]) and r["words"] and isinstance(r["score"], float)
+        assert set(r["timings"]) >= {"preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms"}
+        assert all(v > 0 for v in r["timings"].values()) and "alternatives" not in r
+    assert f"{FRAMES} images captioned, 0 failed" in err
+
+    code, out, _ = run(capsys, "--model", exported["attention"], "--json", "--every", 2, "--beams", 3,
+                       "--n-best", 2, clip)
+    recs = records(out)
+    assert code == 0 and [r["source"] for r in recs] == [f"{clip}#{i}" for i in range(0, FRAMES, 2)]
+    for r in recs:
+        assert len(r["alternatives"]) == 2 and r["alternatives"][0] == {"caption": r["caption"], "score": r["score"]}
+        assert r["alternatives"][0]["score"] >= r["alternatives"][1]["score"]
+
+
+def test_save_and_attention_figures(exported, clip, scenes, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    image = scenes / "scene0.png"
+    code, out, _ = run(capsys, "--model", exported["attention"], "--save", out_dir, "--attention", "--quiet",
+                       clip, image, image)
+    assert code == 0 and len(out.splitlines()) == FRAMES + 2
+    stems = [f"clip-{i:06d}" for i in range(FRAMES)] + ["scene0", "scene0-2"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [f"{s}.jpg" for s in stems] + [f"{s}.attention.png" for s in stems])
+    annotated, raw = cv2.imread(str(out_dir / "scene0.jpg")), cv2.imread(str(image))
+    assert annotated.shape == raw.shape
+    assert np.abs(annotated[-10:].astype(int) - raw[-10:]).mean() > 20  # the caption band
+    assert cv2.imread(str(out_dir / "clip-000000.attention.png")).shape[0] > 112
+
+    err = one_line_error(*run(capsys, "--model", exported["plain"], "--save", tmp_path / "plain", "--attention",
+                              image)[::2])
+    assert "needs an attention model" in err and not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing model", "model folder not found"),
+    ("broken manifest", "not valid JSON"),
+    ("missing source", "no such file or folder"),
+    ("no camera", "camera 99 is not available"),
+    ("unknown engine", "unknown engine 'ortt' (did you mean 'ort'?)"),
+    ("attention without save", "add --save DIR"),
+])
+def test_errors_are_one_line(exported, scenes, tmp_path, capfd, case, expected):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{ not json")
+    model, source, extra = exported["plain"], scenes, []
+    if case == "missing model":
+        model = tmp_path / "nope"
+    elif case == "broken manifest":
+        model = tmp_path / "broken"
+    elif case == "missing source":
+        source = tmp_path / "nothing.png"
+    elif case == "no camera":
+        source = "camera99"
+    elif case == "unknown engine":
+        extra = ["--engine", "ortt"]
+    else:
+        extra = ["--attention"]
+    err = one_line_error(*run(capfd, "--model", model, *extra, source)[::2])  # capfd: OpenCV's C++ logs too
+    assert expected in err
+    if case == "missing model":
+        assert "export-onnx CKPT -o" in err
+
+
+def test_show_needs_gui_and_display(exported, scenes, capsys, monkeypatch):
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: "  GUI:                           NONE\n")
+    err = one_line_error(*run(capsys, "--model", exported["plain"], "--show", scenes)[::2])
+    assert "headless" in err
+    monkeypatch.setattr(cv2, "getBuildInformation", lambda: "  GUI:                           GTK3\n")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert "needs a display" in one_line_error(*run(capsys, "--model", exported["plain"], "--show", scenes)[::2])
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_precisions_run_on_cpu(exported, scenes, capsys, precision):
+    code, out, _ = run(capsys, "--model", exported["attention"], "--precision", precision, scenes / "scene1.png")
+    assert code == 0 and out.startswith(f"{scenes / 'scene1.png'}\t") and out.split("\t")[1].strip()
+
+
+def test_model_defaults_to_env_then_dot_model(exported, scenes, tmp_path, capsys, monkeypatch):
+    image = scenes / "scene2.png"
+    monkeypatch.setenv("EDGECAP_MODEL", str(exported["plain"]))
+    code, out, _ = run(capsys, image)
+    assert code == 0 and out.startswith(str(image))
+    monkeypatch.delenv("EDGECAP_MODEL")
+    monkeypatch.chdir(tmp_path)
+    assert "model folder not found: model" in one_line_error(*run(capsys, image)[::2])
+    (tmp_path / "model").symlink_to(exported["plain"])
+    assert run(capsys, image)[0] == 0
+
+
+def test_timing_report(exported, scenes, capsys):
+    code, out, err = run(capsys, "--model", exported["attention"], "--batch", 4, scenes)
+    assert code == 1 and len(out.splitlines()) == N
+    assert "batches of up to 4: per-image time = batch time / batch size" in err
+    stages = report_percentiles(err)
+    assert list(stages) == ["preprocess", "encoder", "decoder", "decoder per word", "end to end"]
+    for p50, p90, p99 in stages.values():
+        assert 0 < p50 <= p90 <= p99
+    assert stages["decoder per word"][0] < stages["decoder"][0] < stages["end to end"][0]
+    assert re.search(rf"{N} images captioned, 1 failed, [\d.]+ images/s", err)
+
+    code, _, err = run(capsys, "--model", exported["attention"], "--quiet", scenes)
+    assert code == 1 and err.startswith("caption-run: warning:") and err.count("\n") == 1
+
+
+def test_timing_stats_known_numbers():
+    clock = iter([0.0, 5.0]).__next__
+    stats = TimingStats(clock=clock)
+    for ms in range(1, 101):
+        stats.add({"decoder_ms": float(ms)})
+    stats.add({"decoder_ms": 400.0, "encoder_ms": 8.0}, images=4)  # 4 images at 100 ms, 2 ms
+    stats.failures = 2
+    s = stats.summary()
+    expected = np.percentile(list(range(1, 101)) + [100] * 4, [50, 90, 99])
+    assert list(s["stages_ms"]["decoder_ms"].values()) == pytest.approx(expected)
+    assert s["stages_ms"]["encoder_ms"] == {"p50": 2.0, "p90": 2.0, "p99": 2.0}
+    assert (s["images"], s["failures"], s["wall_s"], s["images_per_s"]) == (104, 2, 5.0, 104 / 5.0)
+    stats.clock = iter([5.0]).__next__
+    text = stats.report()
+    assert "batches of up to 4" in text and "104 images captioned, 2 failed, 20.8 images/s over 5.00 s" in text
+    assert report_percentiles(text)["decoder"] == pytest.approx(tuple(round(v, 2) for v in expected))
+
+
+def test_ctrl_c_stops_with_report_so_far(exported, scenes, capsys, monkeypatch):
+    real, calls = Captioner.caption_batch, []
+
+    def interrupt_second(self, images, options=None):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, images, options)
+
+    monkeypatch.setattr(Captioner, "caption_batch", interrupt_second)
+    code, out, err = run(capsys, "--model", exported["plain"], "--batch", 2, scenes)
+    assert code == 130 and len(out.splitlines()) == 2
+    assert "2 images captioned, 0 failed" in err and err.rstrip().endswith("caption-run: interrupted")
+
+
+class FakeCamera:
+    """A capture that delivers `frames` scenes, then fails (a dropped stream); reopening it fails."""
+
+    opened = 0
+
+    def __init__(self, split: SyntheticSplit, frames: int) -> None:
+        FakeCamera.opened += 1
+        self.split, self.left, self.first = split, frames, FakeCamera.opened == 1
+
+    def isOpened(self) -> bool:
+        return self.first
+
+    def read(self):
+        time.sleep(0.01)
+        if not self.first or self.left == 0:
+            return False, None
+        self.left -= 1
+        return True, cv2.cvtColor(self.split.image(self.left), cv2.COLOR_RGB2BGR)
+
+    def release(self) -> None:
+        pass
+
+
+def test_live_source_one_frame_at_a_time_then_drop(exported, split, capsys, monkeypatch):
+    monkeypatch.setattr(FakeCamera, "opened", 0)
+    monkeypatch.setattr(sources, "capture_factory", lambda *a: FakeCamera(split, 5))
+    monkeypatch.setattr(cli, "open_source", functools.partial(sources.open_source, reconnect_delay=0.01))
+    code, out, err = run(capsys, "--model", exported["plain"], "--json", "--batch", 8, "camera0")
+    recs = records(out)
+    assert 1 <= len(recs) <= 5 and all(r["batch"] == 1 and r["source"].startswith("camera0#") for r in recs)
+    assert code == 2 and f"{len(recs)} images captioned" in err
+    assert err.splitlines()[-1] == "caption-run: error: camera 0 dropped and did not come back after 3 reconnects"
+
+
+def test_installed_script_and_no_torch(exported, scenes):
+    script = Path(sys.executable).parent / "caption-run"
+    image = scenes / "scene3.png"
+    done = subprocess.run([script, "--model", exported["plain"], "--json", image], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert records(done.stdout)[0]["source"] == str(image) and "1 images captioned" in done.stderr
+    probe = ("import sys; from edgecap.runtime.cli import main; code = main(sys.argv[1:]); "
+             "assert 'torch' not in sys.modules, 'runtime imported torch'; sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, "--model", exported["plain"], "--quiet", image],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
