@@ -15,7 +15,7 @@ import os
 import platform
 import shlex
 import sys
-import time
+import timeit
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -55,8 +55,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux VmHWM; unlike ru_maxrss, not inherited across spawn)."""
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return int(hwm.split()[1]) / 1024
 
 
 def load_captioner(name: str, args: argparse.Namespace) -> Captioner:
@@ -72,6 +72,11 @@ def load_captioner(name: str, args: argparse.Namespace) -> Captioner:
     model, _, _ = model_from_checkpoint(load_checkpoint(args.ckpt))
     manifest = Manifest.load(args.model)
     return Captioner(manifest, TorchEngine(model.to(device), device), SearchOptions(**manifest.search))
+
+
+def search_options(captioner: Captioner, beams: int) -> SearchOptions:
+    """The model folder's search defaults with `beams` beams: the same options for every variant."""
+    return SearchOptions(**{**captioner.manifest.search, "num_beams": beams})
 
 
 def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, opts: SearchOptions,
@@ -90,14 +95,15 @@ def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, opts:
 
 def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict:
     """Run in a fresh process: one variant's latencies, throughput, captions and peak memory."""
-    baseline = peak_rss_mb()
+    startup = peak_rss_mb()  # interpreter, numpy, onnxruntime, OpenCV
     captioner = load_captioner(name, args)
     engine = captioner.engine
-    provider = engine.sessions["encoder"].get_providers()[0] if isinstance(engine, OrtEngine) else f"torch {engine.device}"
+    provider = (engine.sessions["encoder"].get_providers()[0] if isinstance(engine, OrtEngine)
+                else f"torch {engine.device}")
     latency, tokens = {}, {}
     with tqdm(total=(len(args.beams) + 1) * (args.warmup + args.repeats), desc=name) as bar:
         for k in args.beams:
-            opts = SearchOptions(**{**captioner.manifest.search, "num_beams": k})
+            opts = search_options(captioner, k)
             runs, seen = timed_runs(captioner, images, 1, opts, args, bar)
             for i in sorted(set(range(len(images))) - seen.keys()):  # every image for the agreement check
                 seen[i] = captioner.caption_batch([images[i]], opts)[0].tokens
@@ -106,13 +112,14 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
             if k == 1:
                 latency["encoder"] = percentiles([t["encoder_ms"] for t in runs])
                 latency["decoder_per_word"] = percentiles([t["decoder_per_word_ms"] for t in runs])
-        greedy = SearchOptions(**{**captioner.manifest.search, "num_beams": 1})
-        batch_ms = [t["total_ms"] for t in timed_runs(captioner, images, args.batch, greedy, args, bar)[0]]
+        runs, _ = timed_runs(captioner, images, args.batch, search_options(captioner, 1), args, bar)
+    batch_ms = [t["total_ms"] for t in runs]
     return {"engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
-            "provider": provider, "threads": args.threads, "latency_ms": latency,
+            "provider": provider, "latency_ms": latency,
+            "mean_words": {s: float(np.mean([len(t) + 1 for t in toks])) for s, toks in tokens.items()},  # <end> too
             "throughput": {"batch": args.batch, "images_per_s": args.batch * len(batch_ms) * 1e3 / sum(batch_ms),
                            "batch_ms": percentiles(batch_ms)},
-            "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(), "tokens": tokens}
+            "startup_rss_mb": startup, "peak_rss_mb": peak_rss_mb(), "tokens": tokens}
 
 
 def skip_reason(name: str, manifest: Manifest) -> str | None:
@@ -149,26 +156,23 @@ def physical_floor(ckpt: dict, threads: int) -> dict:
     model, _, pre = model_from_checkpoint(ckpt)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.encoder(torch.zeros(1, 3, pre.size, pre.size))
-    flops = counter.get_total_flops()
+    flops = counter.get_total_flops()  # 2 per multiply-accumulate
     a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    times = []
-    for _ in range(6):  # the first is a warm-up
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - t0)
-    rate = 2 * MATMUL_N ** 3 / min(times[1:]) / 1e9
+    seconds = min(timeit.repeat(lambda: torch.matmul(a, b), number=1, repeat=6)[1:])  # the first warms up
+    rate = 2 * MATMUL_N ** 3 / seconds / 1e9
     return {"encoder_gflops": flops / 1e9, "encoder_gmacs": flops / 2e9, "matmul_gflops_per_s": rate,
             "floor_ms": flops / 1e9 / rate * 1e3, "method": f"FlopCounterMode on one batch-1 encoder forward; "
             f"best of 5 {MATMUL_N}x{MATMUL_N} fp32 torch.matmul on {threads} threads"}
 
 
-def machine(threads: int) -> dict:
+def machine(threads: int, load_average: float) -> dict:
     import torch
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo.splitlines() if l.startswith("model name")),
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                platform.processor() or platform.machine())
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "platform": platform.platform(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "load_average": load_average,
+            "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "ort_providers": ort.get_available_providers(),
             "versions": {"python": platform.python_version(), "edgecap": edgecap.__version__, "numpy": np.__version__,
@@ -192,51 +196,57 @@ def add_ratios(variants: dict[str, dict]) -> None:
     tokens = {name: v.pop("tokens") for name, v in variants.items()}
     ref = variants.get(REFERENCE)
     for name, v in variants.items():
-        lat, searches = v["latency_ms"], list(tokens[name])
-        v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in searches if s != "greedy"}
-        v["speedup_vs_torch"] = {s: ref["latency_ms"][s]["p50"] / lat[s]["p50"] for s in searches} if ref else None
-        v["agreement_with_torch"] = {s: {"identical": sum(a == b for a, b in zip(tokens[name][s], tokens[REFERENCE][s])),
-                                         "images": len(tokens[name][s])} for s in searches} if ref else None
+        lat, mine = v["latency_ms"], tokens[name]
+        v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in mine if s != "greedy"}
+        v["speedup_vs_torch"] = {s: ref["latency_ms"][s]["p50"] / lat[s]["p50"] for s in mine} if ref else None
+        v["agreement_with_torch"] = {s: {"identical": sum(a == b for a, b in zip(mine[s], tokens[REFERENCE][s])),
+                                         "images": len(mine[s])} for s in mine} if ref else None
 
 
 def fmt(x: float | None, digits: int = 2, unit: str = "") -> str:
     return "–" if x is None else f"{x:.{digits}f}{unit}"
 
 
-def markdown(report: dict) -> str:
-    s, variants = report["settings"], report["variants"]
+def table(report: dict) -> list[str]:
+    """The markdown table: one row per measured variant."""
+    s = report["settings"]
     searches, widest = [search_name(k) for k in s["beams"]], search_name(max(s["beams"]))
     head = ["variant", "encoder p50", "decoder/word p50", "greedy p50", "greedy p90", "greedy p99",
             *(f"{x} p50" for x in searches[1:]), f"{widest}/greedy", f"throughput img/s (batch {s['batch']})",
             "peak RSS MB", f"speed-up vs torch ({SPEEDUP_SEARCH})", f"identical to torch ({', '.join(searches)})"]
-    rows = []
-    for name, v in variants.items():
+    rows = [head, ["---"] * len(head)]
+    for name, v in report["variants"].items():
         lat, agree, speed = v["latency_ms"], v["agreement_with_torch"], v["speedup_vs_torch"] or {}
         rows.append([name, fmt(lat["encoder"]["p50"]), fmt(lat["decoder_per_word"]["p50"]),
-                     *(fmt(lat["greedy"][p]) for p in ("p50", "p90", "p99")), *(fmt(lat[x]["p50"]) for x in searches[1:]),
+                     *(fmt(lat["greedy"][q]) for q in ("p50", "p90", "p99")),
+                     *(fmt(lat[x]["p50"]) for x in searches[1:]),
                      fmt(v["cost_vs_greedy"].get(widest), 1, "×"), fmt(v["throughput"]["images_per_s"], 1),
                      fmt(v["peak_rss_mb"], 0), fmt(speed.get(SPEEDUP_SEARCH), 2, "×"),
                      ", ".join(f"{a['identical']}/{a['images']}" for a in agree.values()) if agree else "–"])
-    lines = ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
-    floor = report["floor"]
-    lines += ["", f"Milliseconds per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over "
-              f"{s['repeats']} runs after {s['warmup']} warm-up, {s['threads']} threads, {s['count']} images "
-              f"({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM).",
-              f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / {floor['matmul_gflops_per_s']:.1f} "
-              f"GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} ms; encoder p50 / floor: "
-              + ", ".join(f"{n} {v['latency_ms']['encoder']['p50'] / floor['floor_ms']:.1f}×"
-                          for n, v in variants.items()) + "."]
-    if "ort-int8" in variants and variants["ort-int8"]["speedup_vs_torch"]:
-        lines.append("int8 vs PyTorch eager: " + ", ".join(
-            f"{x} {r:.2f}×" for x, r in variants["ort-int8"]["speedup_vs_torch"].items()) + " faster.")
+    return ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def notes(report: dict) -> list[str]:
+    """What the numbers mean, the physical floor, int8 vs torch, differing captions, skipped variants."""
+    s, m, floor, variants = report["settings"], report["machine"], report["floor"], report["variants"]
+    lines = [f"ms per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over {s['repeats']} runs "
+             f"after {s['warmup']} warm-up; {s['threads']} threads on {m['cores']} cores ({m['cpu']}); {s['count']} "
+             f"images ({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM).",
+             f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / {floor['matmul_gflops_per_s']:.1f} "
+             f"GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} ms; encoder p50 / floor: " + ", ".join(
+                 f"{n} {v['latency_ms']['encoder']['p50'] / floor['floor_ms']:.1f}×" for n, v in variants.items())]
+    if m["load_average"] > 0.5 * m["cores"]:
+        lines.append(f"Warning: the machine was busy before the run (load average {m['load_average']:.1f} on "
+                     f"{m['cores']} cores): other work distorts these numbers.")
+    if (int8 := variants.get("ort-int8")) and int8["speedup_vs_torch"]:
+        lines.append("ort-int8 speed-up over PyTorch eager: "
+                     + ", ".join(f"{x} {r:.2f}×" for x, r in int8["speedup_vs_torch"].items()))
     for name, v in variants.items():
-        if v["agreement_with_torch"]:
-            a = v["agreement_with_torch"]
-            differ = sum(x["images"] - x["identical"] for x in a.values())
-            lines.append(f"{name}: {differ} of {sum(x['images'] for x in a.values())} captions differ from torch ("
-                         + ", ".join(f"{x} {y['images'] - y['identical']}" for x, y in a.items()) + ").")
-    lines += [f"Skipped {name}: {why}" for name, why in report["skipped"].items()]
-    return "\n".join(lines)
+        if name != REFERENCE and (agree := v["agreement_with_torch"]):
+            differ = {x: a["images"] - a["identical"] for x, a in agree.items()}
+            lines.append(f"{name}: {sum(differ.values())} of {sum(a['images'] for a in agree.values())} captions "
+                         "differ from torch (" + ", ".join(f"{x} {d}" for x, d in differ.items()) + ")")
+    return lines + [f"Skipped {name}: {why}" for name, why in report["skipped"].items()]
 
 
 def plot(report: dict, path: str) -> None:
@@ -245,18 +255,19 @@ def plot(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     names, searches = list(report["variants"]), [search_name(k) for k in report["settings"]["beams"]]
     x, width = np.arange(len(names)), 0.8 / len(searches)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 4.5))
-    values = []
-    for j, s in enumerate(searches):
-        p50 = np.array([report["variants"][n]["latency_ms"][s]["p50"] for n in names])
-        p90 = np.array([report["variants"][n]["latency_ms"][s]["p90"] for n in names])
+    ms = np.array([[[report["variants"][n]["latency_ms"][s][q] for n in names] for q in ("p50", "p90")]
+                   for s in searches])  # [search, p50/p90, variant]
+    for j, (s, (p50, p90)) in enumerate(zip(searches, ms)):
         ax.bar(x + j * width, p50, width, yerr=[np.zeros_like(p50), p90 - p50], capsize=3, label=s)
-        values += [*p50, *p90]
-    if max(values) / max(min(values), 1e-9) > 20:
+    if ms.max() / ms.min() > 20:  # ranges too far apart to read on a linear axis
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xticks(x + width * (len(searches) - 1) / 2, names)
     ax.set_ylabel("ms per image, batch 1 (bar p50, whisker p90)")
     ax.set_title(f"edgecap end-to-end caption latency, {report['settings']['threads']} threads")
@@ -267,83 +278,70 @@ def plot(report: dict, path: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    def names(text: str) -> list[str]:
-        bad = [n for n in text.split(",") if n not in VARIANTS]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
-        return text.split(",")
-
-    def integer(minimum: int):
-        def parse(text: str) -> int:
-            if not text.isdigit() or int(text) < minimum:
-                raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-            return int(text)
-        return parse
-
-    positive = integer(1)
-
     p = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="checkpoint (.pt) for the PyTorch eager reference and the FLOPs")
     p.add_argument("--model", required=True, help="model folder written by export-onnx")
     p.add_argument("--images", help="image folder or glob (default: synthetic scenes at the model's size)")
-    p.add_argument("--count", type=positive, default=20, help="images to use (default 20)")
-    p.add_argument("--warmup", type=integer(0), default=3, help="untimed runs per measurement (default 3)")
-    p.add_argument("--repeats", type=positive, default=20, help="timed runs per measurement (default 20)")
-    p.add_argument("--threads", type=positive, default=os.cpu_count(), help="CPU threads (default: all cores)")
-    p.add_argument("--batch", type=positive, default=8, help="batch for the greedy throughput (default 8)")
-    p.add_argument("--beams", type=lambda t: sorted({1, *map(positive, t.split(","))}), default=[1, 3, 5],
+    p.add_argument("--count", type=int, default=20, help="images to use (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per measurement (default 3)")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default 20)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    p.add_argument("--batch", type=int, default=8, help="batch for the greedy throughput (default 8)")
+    p.add_argument("--beams", type=lambda t: sorted({1, *map(int, t.split(","))}), default=[1, 3, 5],
                    help="beam widths at batch 1 (default 1,3,5; greedy is always measured)")
-    p.add_argument("--variants", type=names, default=DEFAULT_VARIANTS,
+    p.add_argument("--variants", type=lambda t: t.split(","), default=DEFAULT_VARIANTS,
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but ort-fp16)")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="write a PNG bar chart here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if unknown := [n for n in args.variants if n not in VARIANTS]:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 or args.warmup < 0:
+        p.error("--count, --repeats, --threads, --batch and --beams must be positive, --warmup at least 0")
+    return args
 
 
-def main() -> int:
-    from edgecap.train.checkpoint import load_checkpoint  # torch: only here, never in the variants' processes
+def write_outputs(report: dict, args: argparse.Namespace) -> str:
+    """Write the requested JSON, markdown and plot; -> the markdown text."""
+    text = "\n".join(table(report) + [""] + notes(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(f"`{report['command']}`\n\n{text}\n")
+    if args.plot:
+        plot(report, args.plot)
+    return text
 
+
+def main() -> None:
+    from edgecap.train.checkpoint import load_checkpoint  # torch: here, never in the variants' processes
+
+    load_average = os.getloadavg()[0]  # before this run adds its own
     args = parse_args(sys.argv[1:])
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
     try:
-        manifest = Manifest.load(args.model)
-        ckpt = load_checkpoint(args.ckpt)
+        manifest, ckpt = Manifest.load(args.model), load_checkpoint(args.ckpt)
         if ckpt["vocab"] != manifest.vocab:
             raise ModelError(f"{args.ckpt} and {args.model} are different models (their vocabularies differ)")
         floor = physical_floor(ckpt, args.threads)
         images, source = load_images(args, manifest.preprocess.size)
     except EdgecapError as e:
-        print(f"latency.py: error: {e}", file=sys.stderr)
-        return 2
-    variants, skipped = {}, {}
-    for name in args.variants:
-        result = skip_reason(name, manifest) or run_variant(name, args, images)
-        if isinstance(result, str):
-            skipped[name] = result
-            print(f"skipped {name}: {result}", file=sys.stderr)
-        else:
-            variants[name] = result
+        sys.exit(f"latency.py: error: {e}")
+    results = {name: skip_reason(name, manifest) or run_variant(name, args, images) for name in args.variants}
+    skipped = {name: r for name, r in results.items() if isinstance(r, str)}
+    variants = {name: r for name, r in results.items() if name not in skipped}
     if not variants:
-        print("latency.py: error: no variant could run (" + "; ".join(f"{n}: {w}" for n, w in skipped.items()) + ")",
-              file=sys.stderr)
-        return 1
+        sys.exit("latency.py: error: no variant could run (" + "; ".join(f"{n}: {w}" for n, w in skipped.items()) + ")")
     add_ratios(variants)
-    report = {"command": command, "machine": machine(args.threads), "floor": floor,
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    report = {"command": command, "machine": machine(args.threads, load_average), "floor": floor,
               "settings": {"images": source, "count": len(images), "image_size": manifest.preprocess.size,
                            "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
-                           "batch": args.batch, "beams": args.beams, "search": manifest.search},
+                           "batch": args.batch, "beams": args.beams,
+                           "search": {k: v for k, v in manifest.search.items() if k != "num_beams"}},
               "variants": variants, "skipped": skipped}
-    table = markdown(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    if args.markdown:
-        Path(args.markdown).write_text(f"`{command}`\n\n{table}\n")
-    if args.plot:
-        plot(report, args.plot)
-    print(f"{table}\n\ncommand: {command}")
-    return 0
+    print(f"{write_outputs(report, args)}\n\ncommand: {command}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

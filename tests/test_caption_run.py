@@ -56,6 +56,8 @@ def clip(tmp_path_factory, split) -> Path:
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
+    """main(argv) in-process -> (exit status, stdout, stderr); earlier output (fixtures') is dropped."""
+    capsys.readouterr()
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -108,7 +110,7 @@ def test_video_jsonl_every_and_n_best(exported, clip, capsys):
         assert r["caption"] == " ".join(r["words"]) and r["words"] and isinstance(r["score"], float)
         assert set(r["timings"]) >= {"preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms"}
         assert all(v > 0 for v in r["timings"].values()) and "alternatives" not in r
-    assert f"{FRAMES} images captioned, 0 failed" in err
+    assert f"captioned {FRAMES}, failed 0:" in err
 
     code, out, _ = run(capsys, "--model", exported["attention"], "--json", "--every", 2, "--beams", 3,
                        "--n-best", 2, clip)
@@ -117,6 +119,17 @@ def test_video_jsonl_every_and_n_best(exported, clip, capsys):
     for r in recs:
         assert len(r["alternatives"]) == 2 and r["alternatives"][0] == {"caption": r["caption"], "score": r["score"]}
         assert r["alternatives"][0]["score"] >= r["alternatives"][1]["score"]
+
+
+def test_search_flags_override_only_what_is_typed(exported, scenes, capsys):
+    image, model = scenes / "scene4.png", exported["attention"]
+    assert Manifest.load(model).search["num_beams"] == 3  # so --n-best 3 alone works only if it is kept
+    [default] = records(run(capsys, "--model", model, "--json", "--n-best", 3, image)[1])
+    assert len(default["alternatives"]) == 3
+    [greedy] = records(run(capsys, "--model", model, "--json", "--beams", 1, image)[1])
+    [unnormalised] = records(run(capsys, "--model", model, "--json", "--beams", 1, "--length-penalty", 0, image)[1])
+    assert unnormalised["caption"] == greedy["caption"]  # a typed 0 counts: total log p, <end> included
+    assert unnormalised["score"] == pytest.approx(greedy["score"] * (len(greedy["words"]) + 1))
 
 
 def test_save_and_attention_figures(exported, clip, scenes, tmp_path, capsys):
@@ -206,7 +219,7 @@ def test_timing_report(exported, scenes, capsys):
     for p50, p90, p99 in stages.values():
         assert 0 < p50 <= p90 <= p99
     assert stages["decoder per word"][0] < stages["decoder"][0] < stages["end to end"][0]
-    assert re.search(rf"{N} images captioned, 1 failed, [\d.]+ images/s", err)
+    assert re.search(rf"captioned {N}, failed 1: [\d.]+ images/s", err)
 
     code, _, err = run(capsys, "--model", exported["attention"], "--quiet", scenes)
     assert code == 1 and err.startswith("caption-run: warning:") and err.count("\n") == 1
@@ -226,7 +239,7 @@ def test_timing_stats_known_numbers():
     assert (s["images"], s["failures"], s["wall_s"], s["images_per_s"]) == (104, 2, 5.0, 104 / 5.0)
     stats.clock = iter([5.0]).__next__
     text = stats.report()
-    assert "batches of up to 4" in text and "104 images captioned, 2 failed, 20.8 images/s over 5.00 s" in text
+    assert "batches of up to 4" in text and "captioned 104, failed 2: 20.8 images/s over 5.00 s" in text
     assert report_percentiles(text)["decoder"] == pytest.approx(tuple(round(v, 2) for v in expected))
 
 
@@ -242,7 +255,7 @@ def test_ctrl_c_stops_with_report_so_far(exported, scenes, capsys, monkeypatch):
     monkeypatch.setattr(Captioner, "caption_batch", interrupt_second)
     code, out, err = run(capsys, "--model", exported["plain"], "--batch", 2, scenes)
     assert code == 130 and len(out.splitlines()) == 2
-    assert "2 images captioned, 0 failed" in err and err.rstrip().endswith("caption-run: interrupted")
+    assert "captioned 2, failed 0:" in err and err.rstrip().endswith("caption-run: interrupted")
 
 
 class FakeCamera:
@@ -275,7 +288,7 @@ def test_live_source_one_frame_at_a_time_then_drop(exported, split, capsys, monk
     code, out, err = run(capsys, "--model", exported["plain"], "--json", "--batch", 8, "camera0")
     recs = records(out)
     assert 1 <= len(recs) <= 5 and all(r["batch"] == 1 and r["source"].startswith("camera0#") for r in recs)
-    assert code == 2 and f"{len(recs)} images captioned" in err
+    assert code == 2 and f"captioned {len(recs)}, failed 0:" in err
     assert err.splitlines()[-1] == "caption-run: error: camera 0 dropped and did not come back after 3 reconnects"
 
 
@@ -285,7 +298,7 @@ def test_installed_script_and_no_torch(exported, scenes):
     done = subprocess.run([script, "--model", exported["plain"], "--json", image], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    assert records(done.stdout)[0]["source"] == str(image) and "1 images captioned" in done.stderr
+    assert records(done.stdout)[0]["source"] == str(image) and "captioned 1, failed 0:" in done.stderr
     probe = ("import sys; from edgecap.runtime.cli import main; code = main(sys.argv[1:]); "
              "assert 'torch' not in sys.modules, 'runtime imported torch'; sys.exit(code)")
     done = subprocess.run([sys.executable, "-c", probe, "--model", exported["plain"], "--quiet", image],

@@ -39,18 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
-    p.add_argument("--model", help="model folder made by export-onnx (default: $EDGECAP_MODEL, then ./model)")
+    p.add_argument("--model", metavar="DIR",
+                   help="model folder made by export-onnx (default: $EDGECAP_MODEL, then ./model)")
     p.add_argument("--engine", default="ort", metavar="{ort,trt}", help="ONNX Runtime or TensorRT (default: ort)")
     p.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="for --engine ort (default: cpu)")
     p.add_argument("--precision", default="fp32", metavar="{fp32,fp16,int8}", help="graphs to run (default: fp32)")
-    p.add_argument("--beams", type=int, help="beam width, 1 = greedy (default: the model's)")
-    p.add_argument("--max-length", type=int, help="most words per caption (default: the model's)")
-    p.add_argument("--length-penalty", type=float, help="score = log p / length ** X (default: the model's)")
-    p.add_argument("--n-best", type=int, help="also give the N best captions (N <= --beams)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--batch", type=int, default=8, help="images per batch for file sources (default: 8)")
-    p.add_argument("--every", type=int, default=1, help="caption every N-th frame of a video (default: 1)")
-    p.add_argument("--max-fps", type=float, help="caption at most F frames per second")
+    p.add_argument("--beams", metavar="K", type=int, help="beam width, 1 = greedy (default: the model's)")
+    p.add_argument("--max-length", metavar="N", type=int, help="most words per caption (default: the model's)")
+    p.add_argument("--length-penalty", metavar="X", type=float,
+                   help="score = log p / length ** X (default: the model's)")
+    p.add_argument("--n-best", metavar="N", type=int, help="also give the N best captions (N <= --beams)")
+    p.add_argument("--threads", metavar="N", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--batch", metavar="N", type=int, default=8, help="images per batch for file sources (default: 8)")
+    p.add_argument("--every", metavar="N", type=int, default=1, help="caption every N-th frame of a video (default: 1)")
+    p.add_argument("--max-fps", metavar="F", type=float, help="caption at most F frames per second")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of SOURCE<TAB>caption")
     p.add_argument("--save", type=Path, metavar="DIR", help="write each image with its caption as DIR/<name>.jpg")
     p.add_argument("--attention", action="store_true", help="with --save: also DIR/<name>.attention.png")
@@ -105,7 +107,7 @@ class Output:
         self.json, self.save, self.attention, self.show, self.n_best = (
             args.json, args.save, args.attention, args.show, n_best)
         self.names: set[str] = set()
-        if self.save:
+        if self.save is not None:
             self.save.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, frame: Frame, caption: Caption, batch: int) -> bool:
@@ -179,8 +181,9 @@ def caption_run(args: argparse.Namespace) -> int:
                     continue
                 captions = captioner.caption_batch([f.rgb for f in frames])
                 going = all([output(f, c, len(frames)) for f, c in zip(frames, captions)])
-                end_to_end = {"end_to_end_ms": (time.perf_counter() - start) * 1e3}
-                stats.add({**{k: captions[0].timings[k] for k in STAGES}, **end_to_end}, len(frames))
+                timings = {k: captions[0].timings[k] for k in STAGES}
+                timings["end_to_end_ms"] = (time.perf_counter() - start) * 1e3  # caption + print/save/show
+                stats.add(timings, len(frames))
                 if not going:
                     break
         finally:  # also on Ctrl-C or a dropped stream: the report so far

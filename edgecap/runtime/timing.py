@@ -49,6 +49,6 @@ class TimingStats:
         lines = [header] + [
             f"  {names[stage]:<{width}}" + "".join(f"  {q} {v:8.2f}" for q, v in p.items())
             for stage, p in s["stages_ms"].items()]
-        lines.append(f"  {s['images']} images captioned, {s['failures']} failed, "
+        lines.append(f"  captioned {s['images']}, failed {s['failures']}: "
                      f"{s['images_per_s']:.1f} images/s over {s['wall_s']:.2f} s")
         return "\n".join(lines)

@@ -47,6 +47,25 @@ class FileSplit:
         return self.items[i].image.name
 
 
+class Head:
+    """The first `n` images of a split (quick experiments on a slice of a big data set)."""
+
+    def __init__(self, split: Split, n: int):
+        self.split, self.n, self.name = split, min(n, len(split)), split.name
+
+    def __len__(self) -> int:
+        return self.n
+
+    def image(self, i: int) -> np.ndarray:
+        return self.split.image(i)
+
+    def captions(self, i: int) -> list[str]:
+        return self.split.captions(i)
+
+    def key(self, i: int) -> str:
+        return self.split.key(i)
+
+
 def open_splits(data: str, *, layout: str | None = None, on_missing: str = "error", seed: int = 0,
                 image_size: int = 112, synthetic_sizes: dict[str, int] | None = None
                 ) -> tuple[dict[str, Split], str]:

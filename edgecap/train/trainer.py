@@ -24,7 +24,7 @@ from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import CaptionPairs, Split, collate, open_splits
+from .data import CaptionPairs, Head, Split, collate, open_splits
 from .engine import TorchEngine
 from .evaluate import caption_split, dev_scores
 from .model import CaptionModel, ModelConfig
@@ -62,6 +62,7 @@ class TrainConfig:
     augment: bool = False
     synthetic_train: int = 4000
     synthetic_dev: int = 200
+    train_limit: int | None = None     # train on the first N training images only
     seed: int = 0
     device: str = "auto"
     amp: bool = True                   # autocast on CUDA
@@ -176,6 +177,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None,
                                image_size=cfg.image_size,
                                synthetic_sizes={"train": cfg.synthetic_train, "dev": cfg.synthetic_dev})
     train_split, dev_split = splits["train"], splits["dev"]
+    if cfg.train_limit:
+        train_split = Head(train_split, cfg.train_limit)
     if len(train_split) == 0 or len(dev_split) == 0:
         raise DataError(f"need train and dev images; found {desc}")
     ckpt = load_checkpoint(resume) if resume else None
@@ -202,15 +205,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None,
     cached = model.encoder.frozen if cfg.cache_features is None else cfg.cache_features
     if cached and not model.encoder.frozen:
         raise ValueError("--cache-features needs a frozen encoder (finetune_blocks 0, not the tiny encoder)")
+    if ctx.main:
+        print(f"data: {desc}\nmodel: {mcfg.encoder} + {mcfg.decoder}, vocabulary {len(vocab)}, "
+              f"{'cached features' if cached else 'end to end'}, {ctx.world} process(es) on {ctx.device}", flush=True)
     train_feats = cached_features(model, train_split, pre, ctx, out / "cache") if cached else None
     dev_feats = cached_features(model, dev_split, pre, ctx, out / "cache", cfg.dev_limit) if cached else None
     dataset = CaptionPairs(train_split, vocab, cfg.max_len, pre, train_feats, cfg.augment)
     module = model.decoder if cached else model
     net = DistributedDataParallel(module) if ctx.world > 1 else module
     amp = cfg.amp and ctx.device.type == "cuda"
-    if ctx.main:
-        print(f"data: {desc}\nmodel: {mcfg.encoder} + {mcfg.decoder}, vocabulary {len(vocab)}, "
-              f"{'cached features' if cached else 'end to end'}, {ctx.world} process(es) on {ctx.device}")
     record: dict[str, Any] = {}
     for epoch in range(state["epoch"], cfg.epochs):
         torch.manual_seed(cfg.seed * 100003 + epoch)  # same dropout/augmentation on resume
@@ -267,7 +270,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None,
                 f.write(json.dumps(record) + "\n")
             print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, dev BLEU-4 {record['dev_bleu4']:.3f}, "
                   f"exact {record['dev_exact']:.2f}, {record['dev_distinct']} distinct"
-                  + (" (best)" if improved else ""))
+                  + (" (best)" if improved else ""), flush=True)
             stop[0] = float(state["since_best"] >= cfg.patience)
         else:
             state["epoch"] = epoch + 1

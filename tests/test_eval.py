@@ -1,0 +1,64 @@
+"""caption-eval and caption-attend."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import pytest
+
+from edgecap.runtime.attend import main as attend_main
+from edgecap.train.eval_cli import main as eval_main
+from edgecap.train.synthetic import SyntheticSplit
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "folder"])
+def test_caption_eval_scores_and_shuffle_check(trained, exported, tmp_path, source, capsys):
+    model = trained("attention") if source == "checkpoint" else exported["attention"]
+    out = tmp_path / "eval.json"
+    args = ["--model", str(model), "--data", "synthetic", "--split", "test", "--limit", "40", "--beams", "1,3",
+            "--json", str(out), "--markdown", str(tmp_path / "eval.md"), "--no-java"]
+    assert eval_main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["engine"] == ("torch" if source == "checkpoint" else "ort") and report["images"] == 40
+    for name in ("greedy", "beam3"):
+        r = report["results"][name]
+        assert set(r["scores"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr-D"}
+        assert len(report["captions"][name]) == 40
+        # captions that depend on the image score far better against their own image than a shuffled one
+        assert r["scores"]["CIDEr-D"] > r["shuffled"]["CIDEr-D"] + 0.5
+        assert r["stats"]["distinct_captions"] >= 10
+    assert "| greedy |" in (tmp_path / "eval.md").read_text()
+
+
+def test_caption_eval_matches_between_checkpoint_and_folder(trained, exported, tmp_path):
+    reports = []
+    for model in (trained("attention"), exported["attention"]):
+        out = tmp_path / f"{len(reports)}.json"
+        assert eval_main(["--model", str(model), "--data", "synthetic", "--limit", "16", "--beams", "1",
+                          "--json", str(out), "--no-java"]) == 0
+        reports.append(json.loads(out.read_text()))
+    assert reports[0]["captions"] == reports[1]["captions"]
+
+
+def test_caption_eval_with_coco_tokenizer_and_meteor(trained, tmp_path):
+    from edgecap.train.metrics import java_available
+    if not java_available():
+        pytest.skip("Java is not installed: PTB tokenizer and METEOR need it")
+    out = tmp_path / "e.json"
+    assert eval_main(["--model", str(trained("attention")), "--data", "synthetic", "--limit", "10",
+                      "--beams", "1", "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())["results"]["greedy"]["scores"]
+    assert json.loads(out.read_text())["tokenizer"] == "ptb" and 0 < scores["METEOR"] <= 1
+
+
+def test_caption_attend(exported, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    cv2.imwrite(str(image), cv2.cvtColor(SyntheticSplit("test", 1).image(0), cv2.COLOR_RGB2BGR))
+    assert attend_main([str(image), "--model", str(exported["attention"])]) == 0
+    figure = cv2.imread(str(tmp_path / "scene.attention.png"))
+    words = capsys.readouterr().out.splitlines()[0].split()
+    assert figure is not None and figure.shape[1] == 5 * 160
+    assert figure.shape[0] == -(-(len(words) + 1) // 5) * 184  # one tile per word plus the image
+    assert attend_main([str(image), "--model", str(exported["plain"])]) == 2
+    assert "attention model" in capsys.readouterr().err
