@@ -55,7 +55,9 @@ def test_caption_eval_with_coco_tokenizer_and_meteor(trained, tmp_path):
 def test_caption_attend(exported, tmp_path, capsys):
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), cv2.cvtColor(SyntheticSplit("test", 1).image(0), cv2.COLOR_RGB2BGR))
-    assert attend_main([str(image), "--model", str(exported["attention"])]) == 0
+    model = exported["attention"]
+    capsys.readouterr()  # drop the fixture's export log
+    assert attend_main([str(image), "--model", str(model)]) == 0
     figure = cv2.imread(str(tmp_path / "scene.attention.png"))
     words = capsys.readouterr().out.splitlines()[0].split()
     assert figure is not None and figure.shape[1] == 5 * 160

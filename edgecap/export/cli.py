@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     args = vars(p.parse_args(argv))
     ckpt = args.pop("checkpoint")
-    return run_main(lambda: export_model(ckpt, ExportOptions(**args)) and None, "export-onnx")
+    return run_main(lambda: export_model(ckpt, ExportOptions(**args)) and 0, "export-onnx")
 
 
 if __name__ == "__main__":

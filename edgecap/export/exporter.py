@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 import edgecap
 from edgecap.runtime.engines.ort import OrtEngine
 from edgecap.runtime.errors import ModelError
-from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.manifest import MANIFEST, Manifest
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.sources import open_source
@@ -46,7 +46,6 @@ class ExportOptions:
     verify_images: str | None = None  # folder/glob (default: the checkpoint's test split)
     verify_count: int = 16
     force: bool = False
-    log: list[str] = field(default_factory=list)
 
 
 def default_output(ckpt: Path) -> Path:
@@ -54,6 +53,7 @@ def default_output(ckpt: Path) -> Path:
 
 
 def _images_from(spec: str, n: int) -> list[np.ndarray]:
+    """The first n readable images of a folder, glob or file."""
     frames = []
     with open_source(spec) as src:
         for frame in src:
@@ -61,6 +61,8 @@ def _images_from(spec: str, n: int) -> list[np.ndarray]:
                 frames.append(frame.rgb)
             if len(frames) == n:
                 break
+    if not frames:
+        raise ModelError(f"no readable images in {spec}")
     return frames
 
 
@@ -84,6 +86,12 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     out = Path(opts.output) if opts.output else default_output(ckpt_path)
     if out.exists() and not opts.force:
         raise ModelError(f"{out} exists; pass --force to replace it")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ModelError(f"{out} is not a model folder; --force only replaces model folders")
+    if out.resolve() in ckpt_path.resolve().parents:
+        raise ModelError(f"the checkpoint lies inside {out}; choose another output folder")
+    if opts.calib_count < 1 or opts.verify_count < 1:
+        raise ValueError("--calib-count and --verify-count must be at least 1")
     if not MIN_OPSET <= opts.opset <= torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
         raise ValueError(f"the installed exporter cannot write opset {opts.opset} "
                          f"(supported: {MIN_OPSET}-{torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET})")
@@ -93,8 +101,10 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     try:
         manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, say)
         ref = TorchEngine(model)
-        images = pre.batch(_images_from(opts.verify_images, opts.verify_count) if opts.verify_images
-                           else _split_images(ckpt, "test", opts.verify_count))
+        needs_images = opts.verify or opts.int8 or opts.fp16
+        images = None if not needs_images else pre.batch(
+            _images_from(opts.verify_images, opts.verify_count) if opts.verify_images
+            else _split_images(ckpt, "test", opts.verify_count))
         if opts.verify:
             verify_against_torch(ref, OrtEngine(tmp, manifest), images, vocab_size=len(vocab), pre=pre, say=say)
         if opts.fp16:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ModelError
 from .preprocess import Preprocessing
+from .search import SearchOptions
 from .vocab import Vocabulary
 
 MANIFEST = "manifest.json"
@@ -117,10 +118,13 @@ class Manifest:
         version = raw.get("format_version") if isinstance(raw, dict) else None
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise ModelError(f"{path}: model format {version}; this edgecap reads up to {FORMAT_VERSION}")
-        m = _strict(cls, raw, "manifest")
-        m.graphs = {p: {r: GraphSpec.from_dict(g, f"graphs.{p}.{r}") for r, g in roles.items()}
-                    for p, roles in m.graphs.items()}
-        m.validate(folder if check_files else None)
+        try:
+            m = _strict(cls, raw, "manifest")
+            m.graphs = {p: {r: GraphSpec.from_dict(g, f"graphs.{p}.{r}") for r, g in roles.items()}
+                        for p, roles in m.graphs.items()}
+            m.validate(folder if check_files else None)
+        except (TypeError, AttributeError, KeyError, IndexError) as e:
+            raise ModelError(f"{path} is malformed: {type(e).__name__}: {e}") from None
         return m
 
     def validate(self, folder: Path | None) -> None:
@@ -128,6 +132,7 @@ class Manifest:
         try:
             self.preprocess
             vocab = self.vocabulary
+            SearchOptions(**self.search)
         except ValueError as e:
             raise ModelError(f"manifest: {e}") from None
         if self.decoder not in ("plain", "attention"):

@@ -71,7 +71,10 @@ def read_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
-    data = np.fromfile(str(path), np.uint8)
+    try:
+        data = np.fromfile(str(path), np.uint8)
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
     bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if bgr is None:
         raise DataError(f"not a readable image: {path}")

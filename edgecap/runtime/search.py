@@ -31,11 +31,12 @@ class SearchOptions:
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if not 1 <= self.num_return_sequences <= self.num_beams:
-            raise ValueError("num_return_sequences must be between 1 and num_beams")
+            raise ValueError(f"n-best (num_return_sequences={self.num_return_sequences}) must be between 1 and "
+                             f"the beam width (num_beams={self.num_beams})")
         if not 0 <= self.min_length < self.max_length:
             raise ValueError(f"need 0 <= min_length < max_length, got {self.min_length}, {self.max_length}")
         if self.no_repeat_ngram_size < 0:
-            raise ValueError("no_repeat_ngram_size must be >= 0")
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)

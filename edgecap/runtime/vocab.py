@@ -1,7 +1,7 @@
 """Vocabulary and the one tokenisation shared by training, decoding and evaluation.
 
 Tokenisation (written down once): lowercase; every character that is not a letter, a digit or an
-apostrophe becomes a space; split on whitespace. So "A dog's ball, red!" -> ["a", "dog's", "ball", "red"].
+apostrophe (Unicode letters included, underscore excluded) becomes a space; split on whitespace. So "A dog's ball, red!" -> ["a", "dog's", "ball", "red"].
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .errors import ModelError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
-_NON_WORD = re.compile(r"[^a-z0-9']+")
+_NON_WORD = re.compile(r"[^\w']+|_")
 
 
 def tokenize(text: str) -> list[str]:

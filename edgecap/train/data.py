@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -31,8 +32,8 @@ class Split(Protocol):
 class FileSplit:
     """Images on disk with captions from a loaded corpus."""
 
-    def __init__(self, name: str, items: list[ImageCaptions]):
-        self.name, self.items = name, items
+    def __init__(self, name: str, items: list[ImageCaptions], root: Path):
+        self.name, self.items, self.root = name, items, root
 
     def __len__(self) -> int:
         return len(self.items)
@@ -44,7 +45,8 @@ class FileSplit:
         return self.items[i].captions
 
     def key(self, i: int) -> str:
-        return self.items[i].image.name
+        """The image's path relative to the data set (unique where file names repeat across folders)."""
+        return os.path.relpath(self.items[i].image, self.root)
 
 
 class Head:
@@ -77,7 +79,8 @@ def open_splits(data: str, *, layout: str | None = None, on_missing: str = "erro
         return splits, desc
     corpus = load_corpus(Path(data), layout=layout, on_missing=on_missing)
     name = Path(data).name
-    return {s: FileSplit(f"{name}/{s}", items) for s, items in corpus.splits.items()}, corpus.summary()
+    return ({s: FileSplit(f"{name}/{s}", items, corpus.root) for s, items in corpus.splits.items()},
+            corpus.summary())
 
 
 def caption_ids(vocab: Vocabulary, caption: str, max_len: int) -> list[int]:

@@ -42,6 +42,8 @@ class ModelConfig:
             raise ValueError(f"unknown decoder {self.decoder!r}; choose from {DECODERS}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose from {ENCODERS}")
+        if not 0 <= self.finetune_blocks <= 4:
+            raise ValueError(f"finetune_blocks must be 0-4 (ResNet50 stages), got {self.finetune_blocks}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -87,6 +89,14 @@ class Encoder(nn.Module):
     @property
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
+
+    def train(self, mode: bool = True) -> "Encoder":
+        """Frozen layers keep their BatchNorm statistics: only trainable children switch to training."""
+        super().train(mode)
+        for child in self.body.children():
+            if not any(p.requires_grad for p in child.parameters()):
+                child.eval()
+        return self
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         grid = self.body(images)                      # [B, D, h, w]

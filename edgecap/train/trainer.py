@@ -100,6 +100,10 @@ class Context:
 
 
 def _context(device: str) -> Context:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose from auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this PyTorch sees no CUDA device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if world == 1:

@@ -56,6 +56,9 @@ class OrtEngine(Engine):
                                                            providers=PROVIDERS[device])
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise ModelError(f"ONNX Runtime cannot load {spec.file}: {str(e).splitlines()[0][:200]}") from None
+            if self.sessions[role].get_providers()[0] != wanted:
+                raise ModelError(f"ONNX Runtime could not start {wanted} for {spec.file} "
+                                 f"(it fell back to {self.sessions[role].get_providers()[0]})")
         self.context_names = tuple(manifest.context_names)
         self.device = device
         self.io_binding = device != "cpu"
