@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from edgecap.export.cli import main as export_main
-from edgecap.export.exporter import ExportOptions, export_model, verify_against_torch
+from edgecap.export.exporter import verify_against_torch
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.engines.ort import OrtEngine
 from edgecap.runtime.errors import ModelError

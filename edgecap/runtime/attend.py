@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from .captioner import Captioner
+from .captioner import Captioner, model_dir
 from .console import run_main
 from .errors import ModelError
+from .manifest import PRECISIONS
 from .preprocess import read_rgb
 from .render import attention_figure, save_rgb
 
@@ -17,18 +17,18 @@ from .render import attention_figure, save_rgb
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caption-attend", description=__doc__)
     p.add_argument("image", help="an image file")
-    p.add_argument("--model", default=os.environ.get("EDGECAP_MODEL", "model"),
-                   help="model folder (default: $EDGECAP_MODEL, then ./model)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--model", help="model folder (default: $EDGECAP_MODEL, then ./model)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
     p.add_argument("-o", "--output", type=Path, help="PNG to write (default: IMAGE.attention.png)")
     args = p.parse_args(argv)
 
     def body() -> None:
         search = {} if args.beams is None else {"num_beams": args.beams}
-        cap = Captioner.load(args.model, precision=args.precision, **search)
+        folder = model_dir(args.model)
+        cap = Captioner.load(folder, precision=args.precision, **search)
         if cap.manifest.decoder != "attention":
-            raise ModelError(f"{args.model} holds a {cap.manifest.decoder} model; attention maps need an "
+            raise ModelError(f"{folder} holds a {cap.manifest.decoder} model; attention maps need an "
                              "attention model")
         rgb = read_rgb(args.image)
         result = cap.caption(rgb)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,11 @@ from .preprocess import read_rgb
 from .search import Hypothesis, SearchOptions, search
 
 ENGINES = ("ort", "trt")
+
+
+def model_dir(given: str | None) -> Path:
+    """The model folder: the one given, else $EDGECAP_MODEL, else ./model."""
+    return Path(given or os.environ.get("EDGECAP_MODEL") or "model")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cv2
 
-from .captioner import ENGINES, Caption, Captioner
+from .captioner import ENGINES, Caption, Captioner, model_dir
 from .console import choice_error, run_main
 from .errors import EdgecapError, ModelError
 from .manifest import PRECISIONS
@@ -88,7 +88,7 @@ def check_display() -> None:
 
 def load_captioner(args: argparse.Namespace) -> Captioner:
     """The model folder (--model, $EDGECAP_MODEL, ./model) with the typed search flags over its defaults."""
-    folder = Path(args.model or os.environ.get("EDGECAP_MODEL") or "model")
+    folder = model_dir(args.model)
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
                          "then pass --model or set $EDGECAP_MODEL)")

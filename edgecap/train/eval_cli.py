@@ -15,7 +15,7 @@ import numpy as np
 
 from edgecap.runtime.captioner import ENGINES, make_engine
 from edgecap.runtime.console import run_main
-from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.manifest import PRECISIONS, Manifest
 from edgecap.runtime.search import SearchOptions
 
 from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", help="force a data layout")
     p.add_argument("--split", default="test", choices=("dev", "test"))
     p.add_argument("--engine", default="ort", choices=ENGINES, help="runtime engine for a model folder")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--beams", default="1,3", type=lambda s: [int(b) for b in s.split(",")],
                    help="comma-separated beam widths, 1 = greedy (default: 1,3)")
