@@ -123,7 +123,7 @@ def _beam(engine: Engine, state: Arrays, context: Arrays, opts: SearchOptions) -
         lp = _mask(out.logprobs, seqs, opts)
         vocab = lp.shape[1]
         cand = (scores.reshape(-1, 1) + lp).reshape(b, k * vocab)                 # [B, K*V]
-        top = np.argsort(-cand, axis=1, kind="stable")[:, : 2 * k]              # [B, 2K]
+        top = _top(cand, 2 * k)                                                   # [B, 2K]
         src = np.zeros((b, k), np.int64)
         new_words = np.full((b, k), Vocabulary.end_id, np.int64)
         new_scores = np.full((b, k), NEG_INF)
@@ -165,6 +165,14 @@ def _beam(engine: Engine, state: Arrays, context: Arrays, opts: SearchOptions) -
                                            float(total / seqs.shape[1] ** opts.length_penalty),
                                            None if attn is None else attn[row], False))
     return [sorted(h, key=lambda x: -x.score)[: opts.num_return_sequences] for h in ended]
+
+
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Column indices of each row's n best scores, best first (ties: lower index first)."""
+    part = np.argpartition(-scores, n - 1, axis=1)[:, :n]                        # unordered n best
+    vals = np.take_along_axis(scores, part, 1)
+    order = np.lexsort((part, -vals), axis=1)                                    # by score, then index
+    return np.take_along_axis(part, order, 1)
 
 
 def _history(attn: np.ndarray | None, row: int, regions: int) -> np.ndarray:
