@@ -17,7 +17,7 @@ from edgecap.runtime.errors import ModelError
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.vocab import Vocabulary
 
-from .model import CaptionModel, ModelConfig
+from .model import CaptionModel, ModelConfig, load_torch_file
 
 FORMAT = "edgecap-checkpoint"
 FORMAT_VERSION = 1
@@ -44,13 +44,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read and check a checkpoint; any problem is a one-line ModelError."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = "holds objects other than weights" if "Unsupported global" in str(e) else type(e).__name__
-        raise ModelError(f"{path} is not a readable edgecap checkpoint (truncated or corrupt?): {reason}") from None
+    ckpt = load_torch_file(path, "edgecap checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelError(f"{path} is not an edgecap checkpoint")
     version = ckpt.get("format_version")

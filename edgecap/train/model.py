@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,15 +118,23 @@ def _resnet50_weights(spec: str) -> dict[str, Tensor]:
         except Exception as e:  # no network and no cached file
             raise ModelError(f"could not load torchvision's ImageNet ResNet50 weights ({type(e).__name__}); "
                              "download them where a network exists or pass --encoder-weights PATH") from None
-    path = Path(spec)
-    if not path.is_file():
-        raise ModelError(f"encoder weights not found: {path} (use imagenet, none or a state dict file)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"cannot read encoder weights {path}: {e}") from None
+    state = load_torch_file(spec, "encoder weights file (imagenet, none or a state dict)")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ModelError(f"{spec} does not hold a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_torch_file(path: str | Path, what: str) -> Any:
+    """torch.load(weights_only=True) of a file a user names: never runs pickled code; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = "holds objects other than weights" if "Unsupported global" in str(e) else type(e).__name__
+        raise ModelError(f"{path} is not a readable {what} (truncated or corrupt?): {reason}") from None
 
 
 class PlainDecoder(nn.Module):
