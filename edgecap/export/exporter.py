@@ -26,7 +26,7 @@ from edgecap.train.metrics import bleu4
 
 from .graphs import example_inputs, export_graph, graph_ios, graph_spec
 from .quantize import convert_fp16, quantize_decoder_dynamic, quantize_encoder_static
-from .verify import caption_tokens, check_graph, compare_graphs
+from .verify import check_graph, compare_captions, compare_graphs
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 11
@@ -167,8 +167,7 @@ def verify_against_torch(ref: TorchEngine, test: OrtEngine, images: np.ndarray, 
         raise ModelError(f"{len(bad)} output(s) differ beyond tolerance, e.g. {bad[0].graph}/{bad[0].output} "
                          f"by {bad[0].max_diff:.2e}")
     for name, opts in SEARCHES.items():
-        want, got = caption_tokens(ref, images, opts), caption_tokens(test, images, opts)
-        same = sum(a == b for a, b in zip(want, got))
+        want, _, same = compare_captions(ref, test, images, opts)
         say(f"  {'✓' if same == len(want) else '✗'} captions ({name}): {same}/{len(want)} token-identical")
         if same != len(want):
             raise ModelError(f"{len(want) - same} {name} caption(s) differ between ONNX Runtime and PyTorch")
@@ -193,8 +192,7 @@ def _agreement(manifest: Manifest, folder: Path, precision: str, images: np.ndar
     base, test = OrtEngine(folder, manifest, "fp32"), OrtEngine(folder, manifest, precision)
     result = {}
     for name, opts in SEARCHES.items():
-        want, got = caption_tokens(base, images, opts), caption_tokens(test, images, opts)
-        same = sum(a == b for a, b in zip(want, got))
+        want, got, same = compare_captions(base, test, images, opts)
         refs = {str(i): [vocab.decode(w) or "<empty>"] for i, w in enumerate(want)}
         hyps = {str(i): vocab.decode(g) or "<empty>" for i, g in enumerate(got)}
         result[name] = {"identical": same, "images": len(want), "bleu4_vs_fp32": round(bleu4(refs, hyps), 4)}

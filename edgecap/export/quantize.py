@@ -7,7 +7,6 @@ Static calibration ranges are kept in a JSON cache keyed by the fp32 model's sha
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import tempfile
@@ -33,6 +32,7 @@ from onnxruntime.quantization import (
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from ..runtime.console import choice_error
+from ..runtime.manifest import sha256 as file_sha256
 
 FORMATS = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -119,7 +119,7 @@ def quantize_encoder_static(fp32: Path, out: Path, calibration: Iterable[np.ndar
     weights = _choose("weight_type", weight_type, TYPES)
     calibrate_method = _choose("method", method, METHODS)
     fp32, out, cache = Path(fp32), Path(out), Path(cache)
-    sha256 = hashlib.sha256(fp32.read_bytes()).hexdigest()
+    sha256 = file_sha256(fp32)
     with tempfile.TemporaryDirectory(prefix="edgecap-quant-") as tmp:
         workdir = Path(tmp)
         pre = _preprocess(fp32, workdir)

@@ -66,6 +66,13 @@ def compare_graphs(ref: Engine, test: Engine, images: np.ndarray, label: str, at
     return rows
 
 
+def compare_captions(a: Engine, b: Engine, images: np.ndarray, opts: SearchOptions
+                     ) -> tuple[list[list[int]], list[list[int]], int]:
+    """Both engines' best captions and how many of them are token-identical."""
+    want, got = caption_tokens(a, images, opts), caption_tokens(b, images, opts)
+    return want, got, sum(x == y for x, y in zip(want, got))
+
+
 def caption_tokens(engine: Engine, images: np.ndarray, opts: SearchOptions, batch: int = 16) -> list[list[int]]:
     """Best caption's tokens for every image."""
     out = []

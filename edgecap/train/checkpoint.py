@@ -57,9 +57,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def checkpoint_model_config(ckpt: dict[str, Any]) -> ModelConfig:
+    """The model settings a checkpoint was trained with (its weights come from the checkpoint itself)."""
+    return ModelConfig.from_dict({**ckpt["model_config"], "encoder_weights": "none"})
+
+
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[CaptionModel, Vocabulary, Preprocessing]:
     """Rebuild the model (in eval mode), vocabulary and preprocessing a checkpoint describes."""
-    cfg = ModelConfig.from_dict({**ckpt["model_config"], "encoder_weights": "none"})  # weights come from ckpt
+    cfg = checkpoint_model_config(ckpt)
     vocab = Vocabulary(ckpt["vocab"])
     if cfg.vocab_size != len(vocab):
         raise ModelError(f"checkpoint vocabulary has {len(vocab)} words but the model expects {cfg.vocab_size}")

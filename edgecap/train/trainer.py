@@ -23,7 +23,7 @@ from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_model_config, load_checkpoint, save_checkpoint
 from .data import CaptionPairs, Head, Split, collate, open_splits
 from .engine import TorchEngine
 from .evaluate import caption_split, dev_scores
@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None,
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"])
-        mcfg = ModelConfig.from_dict({**ckpt["model_config"], "encoder_weights": "none"})
+        mcfg = checkpoint_model_config(ckpt)
         typed = cfg.model_config(len(vocab))
         if (typed.decoder, typed.encoder) != (mcfg.decoder, mcfg.encoder):
             raise ModelError(f"checkpoint holds a {mcfg.encoder}/{mcfg.decoder} model, "
