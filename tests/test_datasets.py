@@ -360,7 +360,7 @@ def test_on_missing_must_be_error_or_skip(tmp_path):
 
 
 def test_unknown_layout_suggests_close_names(tmp_path):
-    with pytest.raises(DataError, match="unknown data set layout 'flicker8k'; did you mean flickr8k"):
+    with pytest.raises(DataError, match="unknown data set layout 'flicker8k' \\(did you mean 'flickr8k'"):
         load_corpus(flickr8k(tmp_path), layout="flicker8k")
     assert "flickr8k" in LAYOUTS
 

@@ -41,6 +41,43 @@ def test_caption_eval_matches_between_checkpoint_and_folder(trained, exported, t
     assert reports[0]["captions"] == reports[1]["captions"]
 
 
+def test_caption_eval_compares_with_a_baseline_report(trained, exported, tmp_path, capsys):
+    """int8 against fp32: per search, captions identical to the baseline's and score changes."""
+    runs = {}
+    for precision, beams in (("fp32", "1,3"), ("int8", "1,3")):
+        runs[precision] = tmp_path / f"{precision}.json"
+        args = ["--model", str(exported["attention"]), "--precision", precision, "--data", "synthetic",
+                "--limit", "24", "--beams", beams, "--json", str(runs[precision]), "--no-java"]
+        assert eval_main(args + (["--baseline", str(runs["fp32"])] if precision == "int8" else [])) == 0
+    base, report = (json.loads(runs[p].read_text()) for p in ("fp32", "int8"))
+    assert report["baseline"]["precision"] == "fp32" and list(report["baseline"]["searches"]) == ["greedy", "beam3"]
+    for name, c in report["baseline"]["searches"].items():
+        want = sum(report["captions"][name][k] == v for k, v in base["captions"][name].items())
+        assert c["images"] == 24 and c["identical"] == want
+        cider = report["results"][name]["scores"]["CIDEr-D"] - base["results"][name]["scores"]["CIDEr-D"]
+        assert c["score_change"]["CIDEr-D"] == pytest.approx(cider)
+    assert "captions identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"split": "dev"}, "scored the dev split"),
+    ({"captions": {"greedy": {"images/other.png": "a cat"}}}, "captions are for other images"),
+    ({"captions": {"beam5": {}}}, "no search in common"),
+    (None, "not a caption-eval JSON report"),
+])
+def test_caption_eval_refuses_a_mismatched_baseline(exported, tmp_path, capsys, change, message):
+    common = ["--model", str(exported["attention"]), "--data", "synthetic", "--split", "test", "--limit", "4",
+              "--beams", "1", "--no-java"]
+    baseline = tmp_path / "base.json"
+    assert eval_main(common + ["--json", str(baseline)]) == 0
+    report = json.loads(baseline.read_text())
+    baseline.write_text("{not json" if change is None else json.dumps({**report, **change}))
+    capsys.readouterr()
+    assert eval_main(common + ["--baseline", str(baseline)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_caption_eval_with_coco_tokenizer_and_meteor(trained, tmp_path):
     from edgecap.train.metrics import java_available
     if not java_available():

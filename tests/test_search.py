@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgecap.runtime.engine import Engine, StepOutput
-from edgecap.runtime.search import SearchOptions, search
+from edgecap.runtime.search import NEG_INF, SearchOptions, _top, search
 
 END, A, B, C, D = 2, 4, 5, 6, 7
 V = 8
@@ -127,3 +127,15 @@ def test_state_follows_its_beam_when_beams_swap():
     for h in hyps:
         assert not h.finished and len(h.tokens) == 6
         assert h.attention.argmax(1).tolist() == ([1, 1] + h.tokens)[:6]
+
+
+@pytest.mark.parametrize("width, n", [(6, 6), (50, 10), (8220, 10), (3000, 4)])
+def test_top_matches_a_full_stable_sort(width, n):
+    """The filtered top-n equals a full sort, ties by lower index, when the filter columns hold -inf too."""
+    rng = np.random.default_rng(width)
+    scores = np.round(rng.standard_normal((4, width)), 1)  # many ties
+    scores[1, : width // 2] = NEG_INF
+    scores[2] = NEG_INF
+    scores[3, -n:] = 9.0  # the best entries sit past the filter's columns
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+    assert (_top(scores, n) == want).all()

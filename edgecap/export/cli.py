@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export-onnx", description=__doc__)
     p.add_argument("checkpoint", help="a checkpoint written by caption-train (best.pt, last.pt)")
     p.add_argument("-o", "--output", type=Path, help="model folder (default: CKPT's folder / <name>-onnx)")
-    p.add_argument("--int8", action="store_true", help="add int8 graphs: static QDQ encoder, dynamic decoder")
+    p.add_argument("--int8", action="store_true", help="add int8 graphs: static QDQ encoder, weight-only int8 decoder")
     p.add_argument("--calib", help="image folder or glob for int8 calibration (default: the training split)")
     p.add_argument("--calib-count", type=int, default=64, help="calibration images (default: 64)")
     p.add_argument("--fp16", action="store_true", help="add float16 graphs for GPU targets")

@@ -25,7 +25,7 @@ from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4
 
 from .graphs import example_inputs, export_graph, graph_ios, graph_spec
-from .quantize import convert_fp16, quantize_decoder_dynamic, quantize_encoder_static
+from .quantize import convert_fp16, quantize_decoder_weights, quantize_encoder_static
 from .verify import check_graph, compare_captions, compare_graphs
 
 DEFAULT_OPSET = 17
@@ -114,7 +114,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
                 _split_images(ckpt, "train", opts.calib_count)
             batches = [pre.batch(calib[i: i + 8]) for i in range(0, len(calib), 8)]
             makers = {"encoder": lambda a, b: quantize_encoder_static(a, b, batches, cache=tmp / "calibration.json"),
-                      "decoder_init": quantize_decoder_dynamic, "decoder_step": quantize_decoder_dynamic}
+                      "decoder_init": quantize_decoder_weights, "decoder_step": quantize_decoder_weights}
             _add_variant(manifest, tmp, "int8", makers, say)
         for precision in [p for p in manifest.graphs if p != "fp32"]:
             manifest.precision_notes[precision].update(_agreement(manifest, tmp, precision, images, vocab, say))

@@ -1,4 +1,4 @@
-"""Smaller, faster ONNX graphs with onnxruntime's own tools: static int8 encoder, dynamic int8 decoder, fp16.
+"""Smaller, faster ONNX graphs with onnxruntime's own tools: static int8 encoder, weight-only int8 decoder, fp16.
 
 Every path runs `quant_pre_process` (shape inference + ORT graph optimisation) first, as ORT recommends.
 Static calibration ranges are kept in a JSON cache keyed by the fp32 model's sha256, so re-quantizing
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from onnxruntime.quantization import (
     quantize_static,
     save_tensors_data,
 )
+from onnxruntime.quantization.onnx_model import ONNXModel
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from ..runtime.console import choice_error
@@ -144,17 +146,55 @@ def quantize_encoder_static(fp32: Path, out: Path, calibration: Iterable[np.ndar
                               f"{calibrate_method.name}, {source.format(images=content['images'])}")
 
 
-def quantize_decoder_dynamic(fp32: Path, out: Path, *, weight_type: str = "int8") -> QuantReport:
-    """Dynamic int8 decoder: weights quantized offline, activations per call.
+def _nbits_quantizer():
+    """ORT's MatMulNBits quantizer module. Its import calls logging.basicConfig(level=INFO), which would print
+    every INFO line of every library in the process: put the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return matmul_nbits_quantizer
 
-    ORT quantizes MatMul (Gemm is first rewritten to MatMul + Add), LSTM (-> com.microsoft DynamicQuantizeLSTM,
-    always int8 weights) and Gather with constant data (the embedding table); all run on the ORT CPU EP.
+
+def _small_matmuls(model: ONNXModel, min_weights: int) -> list[str]:
+    """MatMul nodes whose constant weight has fewer than `min_weights` elements."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.initializer()}
+    return [n.name for n in model.nodes() if n.op_type == "MatMul" and sizes.get(n.input[1], min_weights) < min_weights]
+
+
+def quantize_decoder_weights(fp32: Path, out: Path, *, block_size: int = 32, min_weights: int = 16384) -> QuantReport:
+    """Weight-only int8 decoder: every MatMul/Gemm weight in blocks of `block_size` with its own scale.
+
+    ORT's MatMulNBits (8 bits, accuracy level 4) keeps activations in float between nodes and quantizes them
+    per block inside the int8 kernel. Measured on the Flickr8k attention decoder: half the per-word
+    log-probability error of dynamic (per-tensor) quantization at the same speed. Weights with fewer than
+    `min_weights` elements stay float: on the attention score's 256x1 MatMulNBits took longer than the fp32
+    MatMul. An ONNX LSTM node (the Show-and-Tell decoder) has no MatMul to rewrite; it gets ORT's
+    DynamicQuantizeLSTM.
     """
-    weights = _choose("weight_type", weight_type, TYPES)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, not {block_size}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgecap-quant-") as tmp:
-        quantize_dynamic(_preprocess(Path(fp32), Path(tmp)), out, weight_type=weights)
-    return _report(out, fp32, f"dynamic {weight_type} weights (MatMul/Gemm, LSTM, embedding), uint8 activations")
+        model = ONNXModel(onnx.load(str(_preprocess(Path(fp32), Path(tmp)))))
+        model.replace_gemm_with_matmul()  # MatMulNBits rewrites MatMul only
+        nbits = _nbits_quantizer()
+        quantizer = nbits.MatMulNBitsQuantizer(model.model, nodes_to_exclude=_small_matmuls(model, min_weights),
+                                               algo_config=nbits.DefaultWeightOnlyQuantConfig(
+                                                   block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                                   bits=8))
+        quantizer.process()
+        lstm = any(node.op_type == "LSTM" for node in quantizer.model.model.graph.node)
+        if lstm:
+            weights_only = Path(tmp) / "weights_only.onnx"
+            quantizer.model.save_model_to_file(str(weights_only))
+            quantize_dynamic(weights_only, out, op_types_to_quantize=["LSTM"], weight_type=QuantType.QInt8)
+        else:
+            quantizer.model.save_model_to_file(str(out))
+    return _report(out, fp32, f"weight-only int8 (MatMulNBits, blocks of {block_size}, int8 compute)"
+                              + (", LSTM dynamic int8" if lstm else ""))
 
 
 def convert_fp16(fp32: Path, out: Path) -> QuantReport:

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         resume = args.pop("resume", None)
-        base = load_checkpoint(resume)["train_config"] if resume else {}
-        cfg = TrainConfig(**{**base, **args})
-        train(cfg, resume=resume)
+        ckpt = load_checkpoint(resume) if resume else None
+        cfg = TrainConfig(**{**(ckpt["train_config"] if ckpt else {}), **args})
+        train(cfg, resume=ckpt)
         print(f"checkpoints in {cfg.output}/ (best.pt, last.pt); log in {cfg.output}/log.jsonl")
 
     return run_main(body, "caption-train")

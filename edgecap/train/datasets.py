@@ -10,7 +10,6 @@ Plain Python (no torch import), so a data set can be checked where PyTorch is no
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import io
 import json
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ..runtime.console import choice_error
 from ..runtime.errors import DataError
 
 LAYOUTS = ("flickr8k", "flickr8k-csv", "flickr30k", "coco", "karpathy", "csv", "jsonl")
@@ -85,9 +85,7 @@ def load_corpus(path: str | Path, layout: str | None = None, on_missing: str = "
     if on_missing not in ON_MISSING:
         raise ValueError(f"on_missing must be one of {ON_MISSING}, got {on_missing!r}")
     if layout is not None and layout not in LAYOUTS:
-        close = difflib.get_close_matches(layout, LAYOUTS, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise DataError(f"unknown data set layout {layout!r}{hint} (choose from {', '.join(LAYOUTS)})")
+        raise DataError(str(choice_error("data set layout", layout, LAYOUTS)))
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         layout, files = _folder_files(path, layout)

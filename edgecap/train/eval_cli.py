@@ -2,6 +2,7 @@
 
 Greedy and beam search side by side, with what a weak model needs beside BLEU: CIDEr-D, the number of
 distinct captions, and an image-shuffle check (the same captions scored against other images' references).
+`--baseline` compares with an earlier report (e.g. int8 against fp32): identical captions and score changes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .engine import TorchEngine
 from .evaluate import caption_split
 from .metrics import corpus_stats, java_available, score_captions
 
-SHUFFLE_METRICS = ("BLEU-4", "CIDEr-D")
+HEADLINE_METRICS = ("BLEU-4", "CIDEr-D")  # the shuffle check's and the baseline line's
 
 
 def _engine(model: Path, engine: str, precision: str, device: str):
@@ -59,10 +60,40 @@ def evaluate(args: argparse.Namespace) -> dict:
         shuffled = {k: texts[s] for k, s in zip(keys, shuffled_keys)}
         report["results"][name] = {
             "scores": score_captions(refs, texts, tokenizer=tokenizer, metrics=metrics),
-            "shuffled": score_captions(refs, shuffled, tokenizer=tokenizer, metrics=SHUFFLE_METRICS),
+            "shuffled": score_captions(refs, shuffled, tokenizer=tokenizer, metrics=HEADLINE_METRICS),
             "stats": corpus_stats(texts)}
         report["captions"][name] = texts
     return report
+
+
+def read_baseline(path: Path) -> dict:
+    """An earlier caption-eval JSON report, checked for the fields a comparison reads."""
+    try:
+        baseline = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"baseline {path} is not a caption-eval JSON report: {e}") from None
+    if not isinstance(baseline, dict) or not {"split", "results", "captions", "model", "precision"} <= set(baseline):
+        raise ValueError(f"baseline {path} is not a caption-eval JSON report (run caption-eval --json first)")
+    return baseline
+
+
+def compare(report: dict, baseline: dict) -> dict:
+    """Per search in both reports: captions identical to the baseline's on the same images, score changes."""
+    if report["split"] != baseline["split"]:
+        raise ValueError(f"baseline scored the {baseline['split']} split, this run the {report['split']} split")
+    out = {}
+    for name in [n for n in report["captions"] if n in baseline["captions"]]:
+        ours, theirs = report["captions"][name], baseline["captions"][name]
+        if ours.keys() != theirs.keys():
+            raise ValueError(f"baseline {name} captions are for other images ({len(theirs)} images, "
+                             f"{len(ours.keys() & theirs.keys())} in common with this run's {len(ours)})")
+        before, after = baseline["results"][name]["scores"], report["results"][name]["scores"]
+        out[name] = {"identical": sum(ours[k] == theirs[k] for k in ours), "images": len(ours),
+                     "score_change": {m: after[m] - before[m] for m in after if m in before}}
+    if not out:
+        raise ValueError(f"baseline has no search in common with this run ({', '.join(baseline['captions'])})")
+    return {"model": baseline["model"], "engine": baseline.get("engine", "?"), "precision": baseline["precision"],
+            "searches": out}
 
 
 def markdown(report: dict) -> str:
@@ -77,6 +108,14 @@ def markdown(report: dict) -> str:
         cells += [str(r["stats"]["distinct_captions"]), f"{r['shuffled']['BLEU-4']:.3f}",
                   f"{r['shuffled']['CIDEr-D']:.3f}"]
         lines.append("| " + " | ".join([name, *cells]) + " |")
+    if "baseline" in report:
+        b = report["baseline"]
+        lines += ["", f"Against {b['model']} ({b['engine']} {b['precision']}):"]
+        for name, c in b["searches"].items():
+            change = ", ".join(f"{m} {round(v, 3) or 0.0:+.3f}" for m, v in c["score_change"].items()
+                               if m in HEADLINE_METRICS)
+            lines.append(f"- {name}: {c['identical']}/{c['images']} captions identical "
+                         f"({c['identical'] / c['images']:.1%}); {change}")
     return "\n".join(lines)
 
 
@@ -97,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-java", action="store_true", help="simple tokenizer, no METEOR (no Java needed)")
     p.add_argument("--json", type=Path, help="write scores and captions here")
     p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument("--baseline", type=Path,
+                   help="an earlier --json report to compare with (identical captions, score changes)")
     args = p.parse_args(argv)
 
     def body() -> None:
+        baseline = read_baseline(args.baseline) if args.baseline else None
         report = evaluate(args)
+        if baseline is not None:
+            report["baseline"] = compare(report, baseline)
         table = markdown(report)
         print(table)
         if args.json:

@@ -204,7 +204,7 @@ class AttentionDecoder(nn.Module):
     def _advance(self, word: Tensor, h: Tensor, c: Tensor, regions: Tensor, keys: Tensor):
         energy = self.score(torch.tanh(keys + self.query_proj(h)[:, None])).squeeze(2)  # [B, R]
         alpha = energy.softmax(1)                                                        # [B, R]
-        context = (alpha[:, :, None] * regions).sum(1)                                   # [B, D]
+        context = torch.bmm(alpha[:, None], regions).squeeze(1)                          # [B, D]
         gated = torch.sigmoid(self.gate(h)) * context
         h, c = self.cell(torch.cat([self.embed(word), gated], 1), (h, c))                # [B, H]
         return h, c, alpha

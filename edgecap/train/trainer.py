@@ -171,9 +171,10 @@ def _loss(logits: torch.Tensor, alphas: torch.Tensor | None, targets: torch.Tens
     return ce + att_reg * reg, ce
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None,
+def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train per `cfg` (resuming from a checkpoint when given); -> the last epoch's log record."""
+    """Train per `cfg`, resuming from a checkpoint (its path, or the loaded dict) when given; -> the last epoch's
+    log record."""
     ctx = _context(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
@@ -185,7 +186,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None,
         train_split = Head(train_split, cfg.train_limit)
     if len(train_split) == 0 or len(dev_split) == 0:
         raise DataError(f"need train and dev images; found {desc}")
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt = resume if isinstance(resume, dict) or resume is None else load_checkpoint(resume)
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"])
         mcfg = checkpoint_model_config(ckpt)
