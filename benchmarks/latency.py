@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 import timeit
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -79,18 +80,27 @@ def search_options(captioner: Captioner, beams: int) -> SearchOptions:
     return SearchOptions(**{**captioner.manifest.search, "num_beams": beams})
 
 
-def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, opts: SearchOptions,
-               args: argparse.Namespace, bar: tqdm) -> tuple[list[dict[str, float]], dict[int, list[int]]]:
-    """Warm up, then time `repeats` batches cycling through the images; -> timed runs, tokens by image index."""
-    runs, tokens = [], {}
-    for r in range(args.warmup + args.repeats):
+def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, searches: dict[str, SearchOptions],
+               args: argparse.Namespace, bar: tqdm) -> tuple[dict[str, list[dict]], dict[str, dict[int, list[int]]]]:
+    """Warm up, then time rounds of batches cycling through the images, every search once per round (a slow
+    moment of a shared machine then hits all searches alike), for at least `--repeats` rounds and
+    `--min-seconds`; -> timed runs per search, tokens by image index per search."""
+    runs: dict[str, list[dict]] = {name: [] for name in searches}
+    tokens: dict[str, dict[int, list[int]]] = {name: {} for name in searches}
+    start = time.perf_counter()
+    for r in itertools.count():
+        if r == args.warmup:
+            start = time.perf_counter()
+        if r >= args.warmup + args.repeats and time.perf_counter() - start >= args.min_seconds:
+            return runs, tokens
         idx = [(r * batch + j) % len(images) for j in range(batch)]
-        captions = captioner.caption_batch([images[i] for i in idx], opts)
-        if r >= args.warmup:
-            runs.append(captions[0].timings)
-        tokens.update(zip(idx, (c.tokens for c in captions)))
+        for name, opts in searches.items():
+            captions = captioner.caption_batch([images[i] for i in idx], opts)
+            if r >= args.warmup:
+                runs[name].append(captions[0].timings)
+            tokens[name].update(zip(idx, (c.tokens for c in captions)))
         bar.update()
-    return runs, tokens
+    raise AssertionError("unreachable")
 
 
 def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict:
@@ -100,22 +110,22 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
     engine = captioner.engine
     provider = (engine.sessions["encoder"].get_providers()[0] if isinstance(engine, OrtEngine)
                 else f"torch {engine.device}")
+    searches = {search_name(k): search_options(captioner, k) for k in args.beams}
+    with tqdm(desc=name, unit="round") as bar:
+        runs, seen = timed_runs(captioner, images, 1, searches, args, bar)
+        throughput, _ = timed_runs(captioner, images, args.batch, {"greedy": searches["greedy"]}, args, bar)
     latency, tokens = {}, {}
-    with tqdm(total=(len(args.beams) + 1) * (args.warmup + args.repeats), desc=name) as bar:
-        for k in args.beams:
-            opts = search_options(captioner, k)
-            runs, seen = timed_runs(captioner, images, 1, opts, args, bar)
-            for i in sorted(set(range(len(images))) - seen.keys()):  # every image for the agreement check
-                seen[i] = captioner.caption_batch([images[i]], opts)[0].tokens
-            latency[search_name(k)] = percentiles([t["total_ms"] for t in runs])
-            tokens[search_name(k)] = [seen[i] for i in range(len(images))]
-            if k == 1:
-                latency["encoder"] = percentiles([t["encoder_ms"] for t in runs])
-                latency["decoder_per_word"] = percentiles([t["decoder_per_word_ms"] for t in runs])
-        runs, _ = timed_runs(captioner, images, args.batch, search_options(captioner, 1), args, bar)
-    batch_ms = [t["total_ms"] for t in runs]
+    for search, opts in searches.items():
+        for i in sorted(set(range(len(images))) - seen[search].keys()):  # every image for the agreement check
+            seen[search][i] = captioner.caption_batch([images[i]], opts)[0].tokens
+        latency[search] = percentiles([t["total_ms"] for t in runs[search]])
+        tokens[search] = [seen[search][i] for i in range(len(images))]
+    latency["encoder"] = percentiles([t["encoder_ms"] for t in runs["greedy"]])
+    latency["decoder_per_word"] = percentiles([t["decoder_per_word_ms"] for t in runs["greedy"]])
+    batch_ms = [t["total_ms"] for t in throughput["greedy"]]
     return {"engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
             "provider": provider, "latency_ms": latency,
+            "runs": {search: len(r) for search, r in runs.items()},
             "mean_words": {s: float(np.mean([len(t) + 1 for t in toks])) for s, toks in tokens.items()},  # <end> too
             "throughput": {"batch": args.batch, "images_per_s": args.batch * len(batch_ms) * 1e3 / sum(batch_ms),
                            "batch_ms": percentiles(batch_ms)},
@@ -229,8 +239,10 @@ def table(report: dict) -> list[str]:
 def notes(report: dict) -> list[str]:
     """What the numbers mean, the physical floor, int8 vs torch, differing captions, skipped variants."""
     s, m, floor, variants = report["settings"], report["machine"], report["floor"], report["variants"]
-    lines = [f"ms per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over {s['repeats']} runs "
-             f"after {s['warmup']} warm-up; {s['threads']} threads on {m['cores']} cores ({m['cpu']}); {s['count']} "
+    rounds = ", ".join(f"{n} {v['runs']['greedy']}" for n, v in variants.items())
+    lines = [f"ms per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over timed rounds of every "
+             f"search in turn (at least {s['repeats']} and {s['min_seconds']:g} s: {rounds}) after {s['warmup']} "
+             f"warm-up; {s['threads']} threads on {m['cores']} cores ({m['cpu']}); {s['count']} "
              f"images ({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM).",
              f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / {floor['matmul_gflops_per_s']:.1f} "
              f"GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} ms; encoder p50 / floor: " + ", ".join(
@@ -284,7 +296,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--images", help="image folder or glob (default: synthetic scenes at the model's size)")
     p.add_argument("--count", type=int, default=20, help="images to use (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per measurement (default 3)")
-    p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (default 20)")
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds at least (default 20)")
+    p.add_argument("--min-seconds", type=float, default=5.0,
+                   help="time rounds for at least this long per variant (default 5): fast variants run more rounds")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     p.add_argument("--batch", type=int, default=8, help="batch for the greedy throughput (default 8)")
     p.add_argument("--beams", type=lambda t: sorted({1, *map(int, t.split(","))}), default=[1, 3, 5],
@@ -297,8 +311,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if unknown := [n for n in args.variants if n not in VARIANTS]:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 or args.warmup < 0:
-        p.error("--count, --repeats, --threads, --batch and --beams must be positive, --warmup at least 0")
+    if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 or min(args.warmup, args.min_seconds) < 0:
+        p.error("--count, --repeats, --threads, --batch and --beams must be positive, --warmup and --min-seconds "
+                "at least 0")
     return args
 
 
@@ -336,7 +351,8 @@ def main() -> None:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     report = {"command": command, "machine": machine(args.threads, load_average), "floor": floor,
               "settings": {"images": source, "count": len(images), "image_size": manifest.preprocess.size,
-                           "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+                           "warmup": args.warmup, "repeats": args.repeats, "min_seconds": args.min_seconds,
+                           "threads": args.threads,
                            "batch": args.batch, "beams": args.beams,
                            "search": {k: v for k, v in manifest.search.items() if k != "num_beams"}},
               "variants": variants, "skipped": skipped}

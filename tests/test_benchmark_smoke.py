@@ -16,7 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
 def test_latency_benchmark_smoke(trained, exported, tmp_path):
     out = {name: tmp_path / name for name in ("report.json", "report.md", "report.png")}
     cmd = [sys.executable, str(SCRIPT), "--ckpt", str(trained("attention")), "--model", str(exported["attention"]),
-           "--repeats", "2", "--warmup", "1", "--count", "2", "--beams", "1,3", "--batch", "2", "--threads", "1",
+           "--repeats", "2", "--min-seconds", "0", "--warmup", "1", "--count", "2", "--beams", "1,3", "--batch", "2",
+           "--threads", "1",
            "--json", str(out["report.json"]), "--markdown", str(out["report.md"]), "--plot", str(out["report.png"])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -31,9 +32,24 @@ def test_latency_benchmark_smoke(trained, exported, tmp_path):
         for p in v["latency_ms"].values():
             assert p["p50"] <= p["p90"] <= p["p99"], name
         assert v["throughput"]["images_per_s"] > 0 and v["peak_rss_mb"] > 0
+        assert v["runs"] == {"greedy": 2, "beam3": 2}, name  # every search timed in each round
     assert all(why for why in report["skipped"].values())
     agreement = report["variants"]["ort-fp32"]["agreement_with_torch"]
     assert agreement == {s: {"identical": 2, "images": 2} for s in ("greedy", "beam3")}  # the export guarantees it
 
     assert "| variant |" in out["report.md"].read_text()
     assert out["report.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decoder_step_benchmark_smoke(exported, tmp_path):
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(SCRIPT.with_name("decoder_step.py")), "--model", str(exported["attention"]),
+           "--rows", "1,3", "--rounds", "1", "--block", "2", "--warmup", "0", "--count", "2", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["step_ms_p50"]) == {"fp32", "fp16", "int8"}
+    assert all(set(ms) == {"1", "3"} and min(ms.values()) > 0 for ms in report["step_ms_p50"].values())
+    assert "| int8 |" in done.stdout and "per extra row" in done.stdout
+    bad = subprocess.run([*cmd[:3], str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not found" in bad.stderr
