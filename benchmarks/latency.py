@@ -311,7 +311,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if unknown := [n for n in args.variants if n not in VARIANTS]:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 or min(args.warmup, args.min_seconds) < 0:
+    if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 \
+            or min(args.warmup, args.min_seconds) < 0:
         p.error("--count, --repeats, --threads, --batch and --beams must be positive, --warmup and --min-seconds "
                 "at least 0")
     return args

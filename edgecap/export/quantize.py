@@ -168,7 +168,8 @@ def quantize_decoder_weights(fp32: Path, out: Path, *, block_size: int = 32, min
 
     ORT's MatMulNBits (8 bits, accuracy level 4) keeps activations in float between nodes and quantizes them
     per block inside the int8 kernel. Measured on the Flickr8k attention decoder: half the per-word
-    log-probability error of dynamic (per-tensor) quantization at the same speed. Weights with fewer than
+    log-probability error of dynamic (per-tensor) quantization, as fast for one row, slower for several
+    (benchmarks/README.md: decoder step against rows). Weights with fewer than
     `min_weights` elements stay float: on the attention score's 256x1 MatMulNBits took longer than the fp32
     MatMul. An ONNX LSTM node (the Show-and-Tell decoder) has no MatMul to rewrite; it gets ORT's
     DynamicQuantizeLSTM.
