@@ -10,7 +10,6 @@ of a shared machine hits them alike; precisions run one after the other. See ben
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shlex
 import sys
@@ -21,9 +20,8 @@ import numpy as np
 
 from edgecap.runtime.console import run_main
 from edgecap.runtime.engines.ort import OrtEngine
-from edgecap.runtime.errors import DataError
 from edgecap.runtime.manifest import Manifest
-from edgecap.runtime.sources import open_source
+from edgecap.runtime.sources import read_images
 
 
 def load_images(pattern: str | None, count: int, size: int) -> list[np.ndarray]:
@@ -31,11 +29,7 @@ def load_images(pattern: str | None, count: int, size: int) -> list[np.ndarray]:
     if pattern is None:
         rng = np.random.default_rng(0)
         return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
-    with open_source(pattern) as src:
-        images = list(itertools.islice((f.rgb for f in src if f.rgb is not None), count))
-    if not images:
-        raise DataError(f"no readable images in {pattern}")
-    return images
+    return read_images(pattern, count)
 
 
 def step_inputs(engine: OrtEngine, images: np.ndarray, rows: int):

@@ -27,11 +27,11 @@ from tqdm import tqdm
 import edgecap
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.engines.ort import PROVIDERS, OrtEngine
-from edgecap.runtime.errors import DataError, EdgecapError, ModelError
+from edgecap.runtime.errors import EdgecapError, ModelError
 from edgecap.runtime.manifest import Manifest
 from edgecap.runtime.search import SearchOptions
-from edgecap.runtime.sources import open_source
-from edgecap.runtime.timing import PERCENTILES
+from edgecap.runtime.sources import read_images
+from edgecap.runtime.timing import percentiles
 from edgecap.train.synthetic import SyntheticSplit
 
 REFERENCE = "torch"
@@ -48,10 +48,6 @@ MATMUL_N = 2048
 
 def search_name(beams: int) -> str:
     return "greedy" if beams == 1 else f"beam{beams}"
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    return dict(zip((f"p{q}" for q in PERCENTILES), np.percentile(values, PERCENTILES).tolist()))
 
 
 def peak_rss_mb() -> float:
@@ -192,11 +188,7 @@ def machine(threads: int, load_average: float) -> dict:
 def load_images(args: argparse.Namespace, size: int) -> tuple[list[np.ndarray], str]:
     """The first --count readable images of --images (sorted), else synthetic scenes at the model's size."""
     if args.images:
-        with open_source(args.images) as src:
-            images = list(itertools.islice((f.rgb for f in src if f.rgb is not None), args.count))
-        if not images:
-            raise DataError(f"no readable images in {args.images}")
-        return images, args.images
+        return read_images(args.images, args.count), args.images
     split = SyntheticSplit("test", args.count, image_size=size)
     return [split.image(i) for i in range(len(split))], "synthetic test scenes"
 
@@ -295,7 +287,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model folder written by export-onnx")
     p.add_argument("--images", help="image folder or glob (default: synthetic scenes at the model's size)")
     p.add_argument("--count", type=int, default=20, help="images to use (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs per measurement (default 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     p.add_argument("--repeats", type=int, default=20, help="timed rounds at least (default 20)")
     p.add_argument("--min-seconds", type=float, default=5.0,
                    help="time rounds for at least this long per variant (default 5): fast variants run more rounds")

@@ -56,6 +56,14 @@ def test_folder_is_its_sorted_images_with_corrupt_ones_as_errors(folder: Path) -
     assert frames[2].rgb is None and frames[2].error
 
 
+def test_read_images_skips_unreadable_ones_and_stops_at_count(folder: Path) -> None:
+    images = sources.read_images(str(folder), 5)
+    assert [im[0, 0].tolist() for im in images] == [[255, 0, 0], [0, 0, 255]]  # a.png, b.png; c.jpg is corrupt
+    assert len(sources.read_images(str(folder), 1)) == 1
+    with pytest.raises(DataError, match="no readable images in .*c.jpg"):
+        sources.read_images(str(folder / "c.jpg"), 5)
+
+
 def test_glob_is_sorted_matches(folder: Path) -> None:
     src = open_source(str(folder / "*.png"))
     assert src.kind == "glob"

@@ -18,7 +18,7 @@ from edgecap.runtime.errors import ModelError
 from edgecap.runtime.manifest import MANIFEST, Manifest
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
-from edgecap.runtime.sources import open_source
+from edgecap.runtime.sources import read_images
 from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
 from edgecap.train.data import Split, open_splits
 from edgecap.train.engine import TorchEngine
@@ -50,20 +50,6 @@ class ExportOptions:
 
 def default_output(ckpt: Path) -> Path:
     return ckpt.parent / f"{ckpt.stem}-onnx"
-
-
-def _images_from(spec: str, n: int) -> list[np.ndarray]:
-    """The first n readable images of a folder, glob or file."""
-    frames = []
-    with open_source(spec) as src:
-        for frame in src:
-            if frame.rgb is not None:
-                frames.append(frame.rgb)
-            if len(frames) == n:
-                break
-    if not frames:
-        raise ModelError(f"no readable images in {spec}")
-    return frames
 
 
 def _split_images(ckpt: dict, split: str, n: int) -> list[np.ndarray]:
@@ -103,14 +89,14 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
         ref = TorchEngine(model)
         needs_images = opts.verify or opts.int8 or opts.fp16
         images = None if not needs_images else pre.batch(
-            _images_from(opts.verify_images, opts.verify_count) if opts.verify_images
+            read_images(opts.verify_images, opts.verify_count) if opts.verify_images
             else _split_images(ckpt, "test", opts.verify_count))
         if opts.verify:
             verify_against_torch(ref, OrtEngine(tmp, manifest), images, vocab_size=len(vocab), pre=pre, say=say)
         if opts.fp16:
             _add_variant(manifest, tmp, "fp16", {r: convert_fp16 for r in manifest.graphs["fp32"]}, say)
         if opts.int8:
-            calib = _images_from(opts.calib, opts.calib_count) if opts.calib else \
+            calib = read_images(opts.calib, opts.calib_count) if opts.calib else \
                 _split_images(ckpt, "train", opts.calib_count)
             batches = [pre.batch(calib[i: i + 8]) for i in range(0, len(calib), 8)]
             makers = {"encoder": lambda a, b: quantize_encoder_static(a, b, batches, cache=tmp / "calibration.json"),
@@ -153,8 +139,8 @@ def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportO
         precision_notes={"fp32": {"made_by": f"torch.onnx.export opset {opts.opset}"}})
 
 
-def verify_against_torch(ref: TorchEngine, test: OrtEngine, images: np.ndarray, vocab_size: int, pre: Preprocessing,
-            say) -> None:
+def verify_against_torch(ref: TorchEngine, test: OrtEngine, images: np.ndarray, vocab_size: int,
+                         pre: Preprocessing, say) -> None:
     """Per-output report on random and real inputs, then token-identical captions; any miss raises."""
     random = np.random.default_rng(0).standard_normal((4, 3, pre.size, pre.size)).astype(np.float32)
     rows = compare_graphs(ref, test, random, "random", FP32_ATOL, vocab_size)

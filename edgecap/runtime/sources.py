@@ -227,6 +227,15 @@ def csi_pipeline(sensor_id: int, width: int = 1280, height: int = 720, fps: int 
             "appsink drop=1 max-buffers=1")
 
 
+def read_images(uri: str, count: int) -> list[np.ndarray]:
+    """The first `count` readable images of a folder, glob, image or video (unreadable ones skipped)."""
+    with open_source(uri) as src:
+        images = list(itertools.islice((f.rgb for f in src if f.rgb is not None), count))
+    if not images:
+        raise DataError(f"no readable images in {uri}")
+    return images
+
+
 def _image_files(paths: list[Path]) -> list[Path]:
     return sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 

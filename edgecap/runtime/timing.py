@@ -10,6 +10,11 @@ import numpy as np
 PERCENTILES = (50, 90, 99)
 
 
+def percentiles(values: list[float]) -> dict[str, float]:
+    """{"p50": ..., "p90": ..., "p99": ...} of the values."""
+    return dict(zip((f"p{q}" for q in PERCENTILES), np.percentile(values, PERCENTILES).tolist()))
+
+
 class TimingStats:
     """Per-image samples per stage, images captioned, failures and the wall time since creation.
 
@@ -33,8 +38,7 @@ class TimingStats:
     def summary(self) -> dict:
         """Counts, wall time, images per second and {stage: {p50, p90, p99}} in ms per image."""
         wall = self.clock() - self.start
-        stages = {stage: dict(zip((f"p{q}" for q in PERCENTILES), np.percentile(s, PERCENTILES).tolist()))
-                  for stage, s in self.samples.items()}
+        stages = {stage: percentiles(s) for stage, s in self.samples.items()}
         return {"images": self.images, "failures": self.failures, "wall_s": wall,
                 "images_per_s": self.images / wall if wall > 0 else 0.0, "stages_ms": stages}
 

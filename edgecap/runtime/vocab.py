@@ -1,7 +1,8 @@
 """Vocabulary and the one tokenisation shared by training, decoding and evaluation.
 
 Tokenisation (written down once): lowercase; every character that is not a letter, a digit or an
-apostrophe (Unicode letters included, underscore excluded) becomes a space; split on whitespace. So "A dog's ball, red!" -> ["a", "dog's", "ball", "red"].
+apostrophe (Unicode letters included, underscore excluded) becomes a space; split on whitespace.
+So "A dog's ball, red!" -> ["a", "dog's", "ball", "red"].
 """
 
 from __future__ import annotations
