@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 
-.PHONY: demo test clean
+.PHONY: demo test clean model
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,3 +22,18 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# The shipped Flickr8k model: frozen EfficientNet-Lite0 + both decoders, trained on 2 CPU cores (`make model`).
+DATA ?= ../shared/flickr8k
+RUNS := runs/flickr8k-lite0
+BUNDLED := edgecap/models/flickr8k-lite0
+TRAIN_REAL := $(BIN)/caption-train --data $(DATA) --on-missing skip --encoder efficientnet-lite0 --threads 1 \
+	--embed-dim 512 --hidden-dim 512 --attention-dim 512 --lr 4e-4 --batch-size 64 --epochs 6 --patience 2 \
+	--cache-dir $(RUNS)/cache
+
+model: $(STAMP)
+	$(TRAIN_REAL) --decoder attention --output $(RUNS)/attention
+	$(TRAIN_REAL) --decoder plain --output $(RUNS)/plain
+	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(RUNS)/attention/model --int8 --force
+	$(BIN)/export-onnx $(RUNS)/plain/best.pt -o $(RUNS)/plain/model --int8 --force
+	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(BUNDLED) --int8 --drop-fp32 --force

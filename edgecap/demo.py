@@ -1,7 +1,10 @@
-"""`make demo`: the whole pipeline on the built-in synthetic task, on a CPU, with no download.
+"""`make demo`: the whole pipeline on the built-in synthetic task, on a CPU, with no download; then the model
+that ships with edgecap on real photos.
 
 train both decoders (PyTorch) -> export each to a verified ONNX model folder with int8 graphs ->
-caption held-out scenes with the torch-free runtime, next to their truth -> attention pictures.
+caption held-out scenes with the torch-free runtime, next to their truth -> attention pictures ->
+the bundled Flickr8k model on a few Flickr8k test photos (where ../shared/flickr8k exists), with one
+caption-attend figure.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import sys
 from pathlib import Path
 
 from edgecap.export.exporter import ExportOptions, export_model
-from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.attend import main as caption_attend
+from edgecap.runtime.captioner import BUNDLED, Captioner
 from edgecap.runtime.cli import main as caption_run
 from edgecap.runtime.console import run_main
 from edgecap.runtime.render import save_rgb
@@ -35,10 +39,27 @@ def _compare(model: Path, split: SyntheticSplit, precision: str) -> None:
     print(f"  {right}/{len(split)} held-out scenes captioned exactly ({precision}, beam {cap.options.num_beams})")
 
 
+def _bundled_on_photos(out: Path, flickr8k: Path, count: int) -> int:
+    """The shipped model on the first Flickr8k test photos: one reference beside each caption, one figure."""
+    from edgecap.train.datasets import load_corpus
+
+    test = load_corpus(flickr8k, on_missing="skip").splits["test"][:count]
+    cap = Captioner.load(BUNDLED)
+    print(f"bundled model {BUNDLED.name} ({cap.precision}, beam {cap.options.num_beams}) "
+          f"on {len(test)} Flickr8k test photos:")
+    for item, result in zip(test, cap.caption([item.image for item in test])):
+        print(f"  {Path(item.image).name}: {result.text}\n  {'':<{len(Path(item.image).name)}}  "
+              f"a reference: {item.captions[0]}")
+    return caption_attend([str(test[0].image), "--model", str(BUNDLED), "-o", str(out / "flickr8k-attention.png")])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edgecap-demo", description=__doc__)
     p.add_argument("--output", default="demo-out", help="folder for runs, models and pictures")
     p.add_argument("--show", type=int, default=8, help="held-out scenes to caption")
+    p.add_argument("--flickr8k", type=Path, default=Path("../shared/flickr8k"),
+                   help="Flickr8k folder for the bundled model's part (skipped where it is missing)")
+    p.add_argument("--photos", type=int, default=5, help="Flickr8k test photos for the bundled model")
     args = p.parse_args(argv)
 
     def body() -> int:
@@ -60,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         status = caption_run(["--model", str(out / "attention" / "model"), str(out / "scenes"),
                               "--save", str(out / "captioned"), "--attention"])
         print(f"\npictures in {out / 'captioned'}/ (captions drawn on; *.attention.png: each word's attention)")
-        return status
+        print("\n== 5. the model that ships with edgecap, on real photos")
+        if not args.flickr8k.is_dir():
+            print(f"  skipped: no Flickr8k at {args.flickr8k} (pass --flickr8k DIR)")
+            return status
+        return _bundled_on_photos(out, args.flickr8k, args.photos) or status
 
     return run_main(body, "edgecap-demo")
 

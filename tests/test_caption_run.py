@@ -198,16 +198,20 @@ def test_precisions_run_on_cpu(exported, scenes, capsys, precision):
     assert code == 0 and out.startswith(f"{scenes / 'scene1.png'}\t") and out.split("\t")[1].strip()
 
 
-def test_model_defaults_to_env_then_dot_model(exported, scenes, tmp_path, capsys, monkeypatch):
+def test_model_defaults_to_env_then_dot_model_then_bundled(exported, scenes, tmp_path, capsys, monkeypatch):
     image = scenes / "scene2.png"
     monkeypatch.setenv("EDGECAP_MODEL", str(exported["plain"]))
-    code, out, _ = run(capsys, image)
-    assert code == 0 and out.startswith(str(image))
+    code, out, err = run(capsys, image)
+    assert code == 0 and out.startswith(str(image)) and "bundled" not in err
     monkeypatch.delenv("EDGECAP_MODEL")
     monkeypatch.chdir(tmp_path)
-    assert "model folder not found: model" in one_line_error(*run(capsys, image)[::2])
     (tmp_path / "model").symlink_to(exported["plain"])
-    assert run(capsys, image)[0] == 0
+    code, out, err = run(capsys, image)
+    assert code == 0 and "bundled" not in err
+    (tmp_path / "model").unlink()
+    code, out, err = run(capsys, image)
+    assert code == 0 and out.startswith(f"{image}\t") and out.split("\t")[1].strip()
+    assert err.count("using the bundled model flickr8k-lite0") == 1
 
 
 def test_timing_report(exported, scenes, capsys):

@@ -145,18 +145,18 @@ def test_cli_errors(tmp_path, capsys):
     assert "adamw" in err[1] and "adam" in err[1]
 
 
-def test_encoder_weights(tmp_path):
-    from edgecap.train.model import Encoder
-    with pytest.raises(ModelError, match="ImageNet"):
-        Encoder("resnet50", "imagenet")
-    with pytest.raises(ModelError, match="not found"):
-        Encoder("resnet50", str(tmp_path / "missing.pth"))
-    import torchvision
-    net = torchvision.models.resnet50()
-    torch.save(net.state_dict(), tmp_path / "r50.pth")
-    enc = Encoder("resnet50", str(tmp_path / "r50.pth"), finetune_blocks=1)
-    assert torch.equal(enc.body[0].weight, net.conv1.weight)
-    assert not enc.body[0].weight.requires_grad and enc.body[-1][0].conv1.weight.requires_grad
+@pytest.mark.parametrize("select, best_epoch", [("cider", 1), ("bleu4", 2)])
+def test_model_selection_by_dev_score(tmp_path, monkeypatch, select, best_epoch):
+    """best.pt is the epoch with the best dev CIDEr-D (default), even when BLEU-4 prefers another epoch."""
+    scripted = iter([{"cider": 0.5, "bleu4": 0.1, "exact": 0.0, "distinct": 5},
+                     {"cider": 0.3, "bleu4": 0.2, "exact": 0.0, "distinct": 5}])
+    monkeypatch.setattr("edgecap.train.trainer.dev_scores", lambda *a: next(scripted))
+    out = tmp_path / "run"
+    train(TrainConfig(data="synthetic", epochs=2, synthetic_train=16, synthetic_dev=4, batch_size=8, min_freq=1,
+                      embed_dim=8, hidden_dim=16, attention_dim=8, output=str(out), select=select))
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    assert best["metrics"]["epoch"] == best_epoch and last["train_state"]["best_epoch"] == best_epoch
+    assert torch.equal(best["model"]["decoder.fc.weight"], last["model"]["decoder.fc.weight"]) == (best_epoch == 2)
 
 
 def test_frozen_resnet50_feature_cache(tmp_path):

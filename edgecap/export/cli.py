@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from edgecap.runtime.console import run_main
+from edgecap.runtime.search import SearchOptions
 
 from .exporter import DEFAULT_OPSET, ExportOptions, export_model
 
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the ONNX Runtime vs PyTorch comparison (the ONNX checker still runs)")
     p.add_argument("--verify-images", help="image folder or glob for verification (default: the test split)")
     p.add_argument("--verify-count", type=int, default=16, help="verification images (default: 16)")
+    p.add_argument("--drop-fp32", action="store_true",
+                   help="leave the fp32 graphs out of the folder (they are still verified and used to make the "
+                        "variants): a smaller folder to ship")
+    p.add_argument("--beams", type=int, default=3, help="the model's default beam width, 1 = greedy (default: 3)")
+    p.add_argument("--max-length", type=int, default=SearchOptions.max_length,
+                   help=f"the model's default most words per caption (default: {SearchOptions.max_length})")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     args = vars(p.parse_args(argv))
     ckpt = args.pop("checkpoint")

@@ -46,6 +46,9 @@ class ExportOptions:
     verify_images: str | None = None  # folder/glob (default: the checkpoint's test split)
     verify_count: int = 16
     force: bool = False
+    drop_fp32: bool = False           # ship only the variants (fp32 still made, verified and used to make them)
+    beams: int = 3                    # the manifest's search defaults
+    max_length: int = SearchOptions.max_length
 
 
 def default_output(ckpt: Path) -> Path:
@@ -76,6 +79,9 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
         raise ModelError(f"{out} is not a model folder; --force only replaces model folders")
     if out.resolve() in ckpt_path.resolve().parents:
         raise ModelError(f"the checkpoint lies inside {out}; choose another output folder")
+    if opts.drop_fp32 and not (opts.int8 or opts.fp16):
+        raise ValueError("--drop-fp32 leaves no graphs: add --int8 and/or --fp16")
+    SearchOptions(num_beams=opts.beams, max_length=opts.max_length)  # bad search defaults fail before the work
     if opts.calib_count < 1 or opts.verify_count < 1:
         raise ValueError("--calib-count and --verify-count must be at least 1")
     if not MIN_OPSET <= opts.opset <= torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
@@ -104,6 +110,8 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
             _add_variant(manifest, tmp, "int8", makers, say)
         for precision in [p for p in manifest.graphs if p != "fp32"]:
             manifest.precision_notes[precision].update(_agreement(manifest, tmp, precision, images, vocab, say))
+        if opts.drop_fp32:
+            _drop_fp32(manifest, tmp, say)
         manifest.save(tmp)
         Manifest.load(tmp)  # the folder as the runtime will see it
         if out.exists():
@@ -132,8 +140,9 @@ def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportO
     return Manifest(
         decoder=model.cfg.decoder, vocab=ckpt["vocab"], preprocessing=ckpt["preprocessing"],
         context_names=list(model.decoder.context_names), graphs={"fp32": graphs}, opset=opts.opset,
-        search=SearchOptions(num_beams=3).to_dict(),
-        source={"checkpoint": ckpt_path.name, "data": ckpt.get("data", ""), "metrics": ckpt.get("metrics", {})},
+        search=SearchOptions(num_beams=opts.beams, max_length=opts.max_length).to_dict(),
+        source={"checkpoint": ckpt_path.name, "data": ckpt.get("data", ""), "metrics": ckpt.get("metrics", {}),
+                "encoder": model.cfg.encoder, "encoder_weights_sha256": ckpt.get("encoder_weights_sha256")},
         versions={"edgecap": edgecap.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__},
         precision_notes={"fp32": {"made_by": f"torch.onnx.export opset {opts.opset}"}})
@@ -171,6 +180,15 @@ def _add_variant(manifest: Manifest, folder: Path, precision: str, makers: dict,
             f"(fp32 {report.fp32_size_bytes / 1e6:.1f} MB)")
     manifest.graphs[precision] = graphs
     manifest.precision_notes[precision] = {"graphs": methods}
+
+
+def _drop_fp32(manifest: Manifest, folder: Path, say) -> None:
+    """Remove the fp32 graphs (and the calibration cache) from a folder that ships variants only."""
+    for spec in manifest.graphs.pop("fp32").values():
+        (folder / spec.file).unlink()
+    (folder / "calibration.json").unlink(missing_ok=True)
+    manifest.precision_notes["fp32"]["dropped"] = "verified against PyTorch, then left out of this folder"
+    say(f"  fp32 graphs left out (--drop-fp32); the folder has {', '.join(manifest.graphs)}")
 
 
 def _agreement(manifest: Manifest, folder: Path, precision: str, images: np.ndarray, vocab, say) -> dict:

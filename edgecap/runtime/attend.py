@@ -17,15 +17,15 @@ from .render import attention_figure, save_rgb
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caption-attend", description=__doc__)
     p.add_argument("image", help="an image file")
-    p.add_argument("--model", help="model folder (default: $EDGECAP_MODEL, then ./model)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--model", help="model folder (default: $EDGECAP_MODEL, then ./model, then the bundled model)")
+    p.add_argument("--precision", choices=PRECISIONS, help="graphs to run (default: the folder's best)")
     p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
     p.add_argument("-o", "--output", type=Path, help="PNG to write (default: IMAGE.attention.png)")
     args = p.parse_args(argv)
 
     def body() -> None:
         search = {} if args.beams is None else {"num_beams": args.beams}
-        folder = model_dir(args.model)
+        folder = model_dir(args.model, say=lambda line: print(f"caption-attend: {line}", file=sys.stderr))
         cap = Captioner.load(folder, precision=args.precision, **search)
         if cap.manifest.decoder != "attention":
             raise ModelError(f"{folder} holds a {cap.manifest.decoder} model; attention maps need an "

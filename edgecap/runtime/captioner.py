@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +19,20 @@ from .search import Hypothesis, SearchOptions, search
 ENGINES = ("ort", "trt")
 
 
-def model_dir(given: str | None) -> Path:
-    """The model folder: the one given, else $EDGECAP_MODEL, else ./model."""
-    return Path(given or os.environ.get("EDGECAP_MODEL") or "model")
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "flickr8k-lite0"
+
+
+def model_dir(given: str | Path | None, say: Callable[[str], None] | None = None) -> Path:
+    """The model folder: the one given, else $EDGECAP_MODEL, else ./model, else the model shipped with edgecap
+    (EfficientNet-Lite0 + soft attention trained on Flickr8k), announced once through `say`."""
+    if given or os.environ.get("EDGECAP_MODEL"):
+        return Path(given or os.environ["EDGECAP_MODEL"])
+    if Path("model").is_dir() or not (BUNDLED / "manifest.json").is_file():
+        return Path("model")
+    if say is not None:
+        say(f"using the bundled model {BUNDLED.name} (Flickr8k, EfficientNet-Lite0 + attention); "
+            "pass --model DIR or set $EDGECAP_MODEL for your own")
+    return BUNDLED
 
 
 @dataclass
@@ -49,18 +61,21 @@ def make_engine(folder: Path, manifest: Manifest, engine: str, precision: str, d
 class Captioner:
     """A model folder plus an engine plus search defaults."""
 
-    def __init__(self, manifest: Manifest, engine: Engine, options: SearchOptions):
-        self.manifest, self.engine, self.options = manifest, engine, options
+    def __init__(self, manifest: Manifest, engine: Engine, options: SearchOptions, precision: str = "fp32"):
+        self.manifest, self.engine, self.options, self.precision = manifest, engine, options, precision
         self.vocab = manifest.vocabulary
         self.preprocess = manifest.preprocess
 
     @classmethod
-    def load(cls, model_dir: str | Path, engine: str = "ort", precision: str = "fp32", device: str = "cpu",
-             threads: int | None = None, **search: object) -> "Captioner":
-        folder = Path(model_dir)
+    def load(cls, folder: str | Path | None = None, engine: str = "ort", precision: str | None = None,
+             device: str = "cpu", threads: int | None = None, **search: object) -> "Captioner":
+        """A model folder (default: `model_dir(None)`, i.e. the bundled model when nothing else is set) at
+        `precision` (default: the folder's best, fp32 where it has it)."""
+        folder = model_dir(folder)
         manifest = Manifest.load(folder)
         options = SearchOptions(**{**manifest.search, **search})
-        return cls(manifest, make_engine(folder, manifest, engine, precision, device, threads), options)
+        precision = precision or manifest.default_precision
+        return cls(manifest, make_engine(folder, manifest, engine, precision, device, threads), options, precision)
 
     def caption(self, x, options: SearchOptions | None = None) -> Caption | list[Caption]:
         """An RGB array or a path -> Caption; a list of them -> list of Captions (one batch)."""

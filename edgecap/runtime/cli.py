@@ -39,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
-    p.add_argument("--model", metavar="DIR",
-                   help="model folder made by export-onnx (default: $EDGECAP_MODEL, then ./model)")
+    p.add_argument("--model", metavar="DIR", help="model folder made by export-onnx (default: $EDGECAP_MODEL, "
+                                                  "then ./model, then the bundled Flickr8k model)")
     p.add_argument("--engine", default="ort", metavar="{ort,trt}", help="ONNX Runtime or TensorRT (default: ort)")
     p.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="for --engine ort (default: cpu)")
-    p.add_argument("--precision", default="fp32", metavar="{fp32,fp16,int8}", help="graphs to run (default: fp32)")
+    p.add_argument("--precision", metavar="{fp32,fp16,int8}",
+                   help="graphs to run (default: fp32, or the best the model folder has)")
     p.add_argument("--beams", metavar="K", type=int, help="beam width, 1 = greedy (default: the model's)")
     p.add_argument("--max-length", metavar="N", type=int, help="most words per caption (default: the model's)")
     p.add_argument("--length-penalty", metavar="X", type=float,
@@ -65,7 +66,7 @@ def check_options(args: argparse.Namespace) -> None:
     """Refuse bad option values before the (slow) model load."""
     for kind, value, choices in (("engine", args.engine, ENGINES), ("device", args.device, DEVICES),
                                  ("precision", args.precision, PRECISIONS)):
-        if value not in choices:
+        if value is not None and value not in choices:
             raise choice_error(kind, value, choices)
     if args.batch < 1:
         raise EdgecapError(f"--batch must be at least 1, got {args.batch}")
@@ -88,7 +89,7 @@ def check_display() -> None:
 
 def load_captioner(args: argparse.Namespace) -> Captioner:
     """The model folder (--model, $EDGECAP_MODEL, ./model) with the typed search flags over its defaults."""
-    folder = model_dir(args.model)
+    folder = model_dir(args.model, say=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
                          "then pass --model or set $EDGECAP_MODEL)")

@@ -22,6 +22,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 ROLES = ("encoder", "decoder_init", "decoder_step")
 PRECISIONS = ("fp32", "fp16", "int8")
+PREFERRED = ("fp32", "int8", "fp16")  # the default precision: the first a folder has
 
 
 def sha256(path: Path) -> str:
@@ -89,6 +90,11 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     @property
+    def default_precision(self) -> str:
+        """fp32 where the folder has it (the reference), else int8, else fp16."""
+        return next(p for p in PREFERRED if p in self.graphs)
+
+    @property
     def vocabulary(self) -> Vocabulary:
         return Vocabulary(self.vocab)
 
@@ -137,8 +143,8 @@ class Manifest:
             raise ModelError(f"manifest: {e}") from None
         if self.decoder not in ("plain", "attention"):
             raise ModelError(f"manifest: unknown decoder {self.decoder!r}")
-        if "fp32" not in self.graphs:
-            raise ModelError("manifest: no fp32 graphs")
+        if not self.graphs:
+            raise ModelError("manifest: no graphs")
         for precision, roles in self.graphs.items():
             if precision not in PRECISIONS or set(roles) != set(ROLES):
                 raise ModelError(f"manifest: precision {precision!r} must have graphs {ROLES}")

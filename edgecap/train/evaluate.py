@@ -12,7 +12,7 @@ from edgecap.runtime.search import Hypothesis, SearchOptions, search
 from edgecap.runtime.vocab import Vocabulary
 
 from .data import Split
-from .metrics import bleu4
+from .metrics import score_captions
 
 
 def caption_split(engine: Engine, split: Split, preprocess: Preprocessing, opts: SearchOptions,
@@ -35,11 +35,12 @@ def caption_split(engine: Engine, split: Split, preprocess: Preprocessing, opts:
 
 
 def dev_scores(hyps: dict[str, Hypothesis], split: Split, vocab: Vocabulary) -> dict[str, float]:
-    """BLEU-4 (fast tokenizer), exact-caption accuracy and distinct captions of decoded hypotheses."""
+    """CIDEr-D and BLEU-4 (simple tokenizer, no Java), exact-caption accuracy and distinct captions."""
     keys = [split.key(i) for i in range(len(split))]
     refs = {k: split.captions(i) for i, k in enumerate(keys) if k in hyps}
     texts = {k: vocab.decode(h.tokens) for k, h in hyps.items()}
     norm = {k: {vocab.decode(vocab.encode(r)) for r in rs} for k, rs in refs.items()}
-    return {"bleu4": bleu4(refs, texts),
+    scores = score_captions(refs, texts, tokenizer="simple", metrics=("BLEU-4", "CIDEr-D"))
+    return {"cider": scores["CIDEr-D"], "bleu4": scores["BLEU-4"],
             "exact": float(np.mean([texts[k] in norm[k] for k in texts])),
             "distinct": len(set(texts.values()))}

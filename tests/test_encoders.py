@@ -1,0 +1,130 @@
+"""The encoder registry: rows build and load strictly, Lite0 sees, preprocessing travels bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.preprocess import Preprocessing, read_rgb
+from edgecap.train.encoders import ENCODERS, file_sha256, pretrained_network, weights_file
+from edgecap.train.model import CaptionModel, Encoder, ModelConfig
+from edgecap.train.trainer import TrainConfig
+
+from conftest import SHARED_FLICKR8K
+
+IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151-268 are dog breeds
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_rows_build_and_give_a_grid(name):
+    spec = ENCODERS[name]
+    enc = Encoder(name, image_size=spec.preprocessing.size).eval()
+    size = spec.preprocessing.size
+    regions, pooled = enc(torch.randn(1, 3, size, size))
+    side = size // spec.stride
+    assert regions.shape == (1, side * side, spec.channels) and pooled.shape == (1, spec.channels)
+
+
+def test_lite0_loads_strictly_from_its_package_and_records_sha256():
+    enc = Encoder("efficientnet-lite0")
+    before = enc.body[1]._depthwise_conv.weight.clone()
+    sha = enc.load_pretrained("imagenet")
+    assert sha == file_sha256(weights_file("efficientnet-lite0", "imagenet")) and len(sha) == 64
+    assert not torch.equal(before, enc.body[1]._depthwise_conv.weight)
+    net, _ = pretrained_network("efficientnet-lite0", "imagenet")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():  # the body is the network's own stem and blocks
+        want = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
+        for block in net._blocks:
+            want = block(want)
+        assert torch.allclose(enc.eval()(x)[0], want.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_resnet50_none_and_path_weights(tmp_path):
+    enc = Encoder("resnet50")
+    assert enc.load_pretrained("none") is None
+    import torchvision
+    net = torchvision.models.resnet50()
+    torch.save(net.state_dict(), tmp_path / "r50.pth")
+    assert enc.load_pretrained(str(tmp_path / "r50.pth")) == file_sha256(tmp_path / "r50.pth")
+    assert torch.equal(enc.body[0].weight, net.conv1.weight)
+    with pytest.raises(ModelError, match="not found"):
+        enc.load_pretrained(str(tmp_path / "missing.pth"))
+    torch.save({"conv1.weight": net.conv1.weight}, tmp_path / "partial.pth")
+    with pytest.raises(ModelError, match="does not fit the resnet50 architecture"):
+        enc.load_pretrained(str(tmp_path / "partial.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable"):
+        enc.load_pretrained(str(tmp_path / "junk.pth"))
+
+
+def test_finetune_blocks_per_backbone():
+    enc = Encoder("resnet50", finetune_blocks=1)
+    assert not enc.body[0].weight.requires_grad and enc.body[-1][0].conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="0-4 for resnet50"):
+        ModelConfig(encoder="resnet50", finetune_blocks=5)
+    with pytest.raises(ValueError, match="did you mean 'efficientnet-lite0'"):
+        ModelConfig(encoder="efficientnet-lite")
+
+
+def test_lite0_stays_in_eval_mode_while_training():
+    model = CaptionModel(ModelConfig(encoder="efficientnet-lite0", finetune_blocks=2, vocab_size=10,
+                                     embed_dim=8, hidden_dim=8, attention_dim=8))
+    model.train()
+    assert not any(m.training for m in model.encoder.body.modules())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model.encoder(x)[0], model.encoder(x)[0])  # no drop-connect, no batch statistics
+    assert model.decoder.training
+
+
+def test_bad_model_settings_fail_before_data_is_read(tmp_path):
+    with pytest.raises(ValueError, match="unknown encoder"):
+        TrainConfig(data=str(tmp_path / "nowhere"), encoder="resnet5")
+    with pytest.raises(ValueError, match="built for 224x224"):
+        TrainConfig(data=str(tmp_path / "nowhere"), encoder="efficientnet-lite0", image_size=160)
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_preprocessing_travels_bit_for_bit(name):
+    """The training transform, written into a checkpoint and a manifest (JSON), is the runtime's transform."""
+    cfg = TrainConfig(data="synthetic", encoder=name)
+    train_side = cfg.preprocessing()
+    runtime_side = Preprocessing.from_dict(json.loads(json.dumps(train_side.to_dict())))
+    rgb = np.random.default_rng(0).integers(0, 256, (240, 200, 3), dtype=np.uint8)
+    assert np.array_equal(train_side(rgb), runtime_side(rgb))
+    assert runtime_side == ENCODERS[name].preprocessing
+
+
+def test_lite0_preprocessing_is_the_tensorflow_scheme():
+    pre = ENCODERS["efficientnet-lite0"].preprocessing
+    rgb = np.resize(np.arange(256, dtype=np.uint8), (224, 224, 3))
+    want = (rgb.astype(np.float64).transpose(2, 0, 1) - 127) / 128
+    assert np.abs(pre.batch([rgb])[0] - want).max() < 1e-6
+
+
+def _dog_photos(n: int) -> list:
+    names = (SHARED_FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()
+    captions: dict[str, list[str]] = {}
+    for line in (SHARED_FLICKR8K / "Flickr8k.token.txt").read_text().splitlines():
+        key, caption = line.split("\t")
+        captions.setdefault(key.split("#")[0], []).append(caption.lower())
+    dogs = [x for x in names if len(captions.get(x, [])) == 5 and all(" dog" in c for c in captions[x])
+            and (SHARED_FLICKR8K / "images" / x).is_file()]
+    return dogs[:n]
+
+
+@pytest.mark.skipif(not SHARED_FLICKR8K.is_dir(), reason="needs ../shared/flickr8k")
+def test_lite0_sees_dogs_in_flickr8k_photos():
+    net, _ = pretrained_network("efficientnet-lite0", "imagenet")
+    pre = ENCODERS["efficientnet-lite0"].preprocessing
+    photos = _dog_photos(12)
+    images = torch.from_numpy(pre.batch([read_rgb(SHARED_FLICKR8K / "images" / x) for x in photos]))
+    with torch.no_grad():
+        top1 = net(images).argmax(1).tolist()
+    dogs = sum(c in IMAGENET_DOGS for c in top1)
+    assert len(photos) == 12 and dogs >= 9, f"{dogs}/12 dog photos classified as dogs: {top1}"
