@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from edgecap.runtime.console import run_main
-from edgecap.runtime.engines.ort import OrtEngine
+from edgecap.runtime.decode import start
+from edgecap.runtime.engine import Engine
+from edgecap.runtime.engines import make_engine
 from edgecap.runtime.manifest import Manifest
 from edgecap.runtime.sources import read_images
 
@@ -32,9 +34,9 @@ def load_images(pattern: str | None, count: int, size: int) -> list[np.ndarray]:
     return read_images(pattern, count)
 
 
-def step_inputs(engine: OrtEngine, images: np.ndarray, rows: int):
+def step_inputs(engine: Engine, images: np.ndarray, rows: int):
     """Words, state and context for `rows` rows: the images' own prepared state and context, cycled."""
-    state, context = engine.prepare(engine.encode(images))
+    state, context = start(engine, images)
     pick = np.arange(rows) % len(images)
     words = np.full(rows, 4, np.int64)  # the first ordinary word of every vocabulary
     return words, {k: v[pick] for k, v in state.items()}, {k: v[pick] for k, v in context.items()}
@@ -43,8 +45,9 @@ def step_inputs(engine: OrtEngine, images: np.ndarray, rows: int):
 def measure(args: argparse.Namespace) -> dict:
     manifest = Manifest.load(args.model)
     precisions = args.precisions or list(manifest.graphs)
-    images = manifest.preprocess.batch(load_images(args.images, args.count, manifest.preprocess.size))
-    engines = {p: OrtEngine(args.model, manifest, p, threads=args.threads) for p in precisions}
+    pre = manifest.preprocessing
+    images = pre.batch(load_images(args.images, args.count, pre.size))
+    engines = {p: make_engine("ort", args.model, p, threads=args.threads, manifest=manifest) for p in precisions}
     times: dict[tuple[str, int], list[float]] = {(p, n): [] for p in precisions for n in args.rows}
     for precision, engine in engines.items():
         inputs = {n: step_inputs(engine, images, n) for n in args.rows}

@@ -8,6 +8,7 @@ peak resident memory (the process's VmHWM) is its own. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import multiprocessing as mp
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 import edgecap
 from edgecap.runtime.captioner import Captioner
-from edgecap.runtime.engines.ort import PROVIDERS, OrtEngine
+from edgecap.runtime.engines import BACKENDS, make_engine
 from edgecap.runtime.errors import EdgecapError, ModelError
 from edgecap.runtime.manifest import Manifest
 from edgecap.runtime.search import SearchOptions
@@ -34,20 +35,31 @@ from edgecap.runtime.sources import read_images
 from edgecap.runtime.timing import percentiles
 from edgecap.train.synthetic import SyntheticSplit
 
-REFERENCE = "torch"
-SPEEDUP_SEARCH = "beam3"
-VARIANTS = {  # name -> (engine, precision, device)
-    "torch": ("torch", "fp32", "cpu"), "ort-fp32": ("ort", "fp32", "cpu"), "ort-int8": ("ort", "int8", "cpu"),
-    "ort-fp16": ("ort", "fp16", "cpu"), "torch-cuda": ("torch", "fp32", "cuda"),
-    "cuda-fp32": ("ort", "fp32", "cuda"), "cuda-fp16": ("ort", "fp16", "cuda"),
-    "trt-fp32": ("ort", "fp32", "tensorrt"), "trt-fp16": ("ort", "fp16", "tensorrt"),
-}
-DEFAULT_VARIANTS = [n for n in VARIANTS if n != "ort-fp16"]  # ORT's CPU EP computes fp16 graphs via fp32 casts
+
+def variant_table() -> dict[str, tuple[str, str, str]]:
+    """name -> (engine, precision, device) for every pairing in the backend table: ENGINE-PRECISION on the
+    engine's first device, ENGINE-DEVICE-PRECISION on the others."""
+    out = {}
+    for engine, b in BACKENDS.items():
+        first = next(iter(b.devices))
+        for device in b.devices:
+            for precision in b.precisions:
+                out[f"{engine}-{precision}" if device == first else f"{engine}-{device}-{precision}"] = (
+                    engine, precision, device)
+    return out
+
+
+VARIANTS = variant_table()
+REFERENCE = "torch-fp32"
+SPEEDUP_SEARCH = SearchOptions(num_beams=3).name
+# ORT's CPU provider computes fp16 graphs through fp32 casts: a GPU format, left out on the CPU by default
+DEFAULT_VARIANTS = sorted((n for n, (_, precision, device) in VARIANTS.items() if (precision, device) != ("fp16", "cpu")),
+                          key=lambda n: n != REFERENCE)  # the reference first
 MATMUL_N = 2048
 
 
 def search_name(beams: int) -> str:
-    return "greedy" if beams == 1 else f"beam{beams}"
+    return SearchOptions(num_beams=beams).name
 
 
 def peak_rss_mb() -> float:
@@ -58,22 +70,15 @@ def peak_rss_mb() -> float:
 
 def load_captioner(name: str, args: argparse.Namespace) -> Captioner:
     engine, precision, device = VARIANTS[name]
-    if engine == "ort":
-        return Captioner.load(args.model, precision=precision, device=device, threads=args.threads)
-    import torch
-
-    from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from edgecap.train.engine import TorchEngine
-
-    torch.set_num_threads(args.threads)
-    model, _, _ = model_from_checkpoint(load_checkpoint(args.ckpt))
-    manifest = Manifest.load(args.model)
-    return Captioner(manifest, TorchEngine(model.to(device), device), SearchOptions(**manifest.search))
+    if BACKENDS[engine].reads == "model folder":
+        return Captioner.load(args.model, engine, precision, device, args.threads)
+    manifest = Manifest.load(args.model)  # vocabulary, preprocessing and search defaults
+    return Captioner(manifest, make_engine(engine, args.ckpt, precision, device, args.threads), manifest.search)
 
 
 def search_options(captioner: Captioner, beams: int) -> SearchOptions:
     """The model folder's search defaults with `beams` beams: the same options for every variant."""
-    return SearchOptions(**{**captioner.manifest.search, "num_beams": beams})
+    return dataclasses.replace(captioner.manifest.search, num_beams=beams, num_return_sequences=1)
 
 
 def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, searches: dict[str, SearchOptions],
@@ -104,8 +109,7 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
     startup = peak_rss_mb()  # interpreter, numpy, onnxruntime, OpenCV
     captioner = load_captioner(name, args)
     engine = captioner.engine
-    provider = (engine.sessions["encoder"].get_providers()[0] if isinstance(engine, OrtEngine)
-                else f"torch {engine.device}")
+    provider = getattr(engine, "provider", None) or f"torch {engine.device}"
     searches = {search_name(k): search_options(captioner, k) for k in args.beams}
     with tqdm(desc=name, unit="round") as bar:
         runs, seen = timed_runs(captioner, images, 1, searches, args, bar)
@@ -131,13 +135,14 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
 def skip_reason(name: str, manifest: Manifest) -> str | None:
     """Why a variant cannot run here, or None."""
     engine, precision, device = VARIANTS[name]
-    if precision not in manifest.graphs:
-        return f"model folder has no {precision} graphs (export with --{precision})"
-    if engine == "torch":
+    b = BACKENDS[engine]
+    if b.reads == "checkpoint":
         import torch
 
         return None if device == "cpu" or torch.cuda.is_available() else "PyTorch here has no CUDA device"
-    provider = PROVIDERS[device][0]
+    if precision not in manifest.graphs:
+        return f"model folder has no {precision} graphs (export with --{precision})"
+    provider = b.devices[device][0]
     return None if provider in ort.get_available_providers() else f"ONNX Runtime here has no {provider}"
 
 
@@ -296,7 +301,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--beams", type=lambda t: sorted({1, *map(int, t.split(","))}), default=[1, 3, 5],
                    help="beam widths at batch 1 (default 1,3,5; greedy is always measured)")
     p.add_argument("--variants", type=lambda t: t.split(","), default=DEFAULT_VARIANTS,
-                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but ort-fp16)")
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but fp16 on a CPU)")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="write a PNG bar chart here")
@@ -332,7 +337,7 @@ def main() -> None:
         if ckpt["vocab"] != manifest.vocab:
             raise ModelError(f"{args.ckpt} and {args.model} are different models (their vocabularies differ)")
         floor = physical_floor(ckpt, args.threads)
-        images, source = load_images(args, manifest.preprocess.size)
+        images, source = load_images(args, manifest.preprocessing.size)
     except EdgecapError as e:
         sys.exit(f"latency.py: error: {e}")
     results = {name: skip_reason(name, manifest) or run_variant(name, args, images) for name in args.variants}
@@ -343,11 +348,11 @@ def main() -> None:
     add_ratios(variants)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     report = {"command": command, "machine": machine(args.threads, load_average), "floor": floor,
-              "settings": {"images": source, "count": len(images), "image_size": manifest.preprocess.size,
+              "settings": {"images": source, "count": len(images), "image_size": manifest.preprocessing.size,
                            "warmup": args.warmup, "repeats": args.repeats, "min_seconds": args.min_seconds,
                            "threads": args.threads,
                            "batch": args.batch, "beams": args.beams,
-                           "search": {k: v for k, v in manifest.search.items() if k != "num_beams"}},
+                           "search": {k: v for k, v in manifest.search.to_dict().items() if k != "num_beams"}},
               "variants": variants, "skipped": skipped}
     print(f"{write_outputs(report, args)}\n\ncommand: {command}")
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for decoder, epochs in DEMO_EPOCHS.items():
             run = out / decoder
             print(f"\n== 1. train the {decoder} decoder on synthetic scenes ({epochs} epochs, PyTorch)")
-            train(TrainConfig(**DEMO_MODEL, decoder=decoder, epochs=epochs, output=str(run)))
+            train(TrainConfig.from_flat(**DEMO_MODEL, decoder=decoder, epochs=epochs, output=str(run)))
             print(f"\n== 2. export {run / 'best.pt'} to ONNX (fp32 + int8), verified against PyTorch")
             model = export_model(run / "best.pt", ExportOptions(output=run / "model", int8=True, force=True))
             print(f"\n== 3. {decoder}: held-out scenes through the torch-free runtime")

@@ -25,7 +25,7 @@ def trained(tmp_path_factory):
     def get(decoder: str) -> Path:
         if decoder not in cache:
             out = tmp_path_factory.mktemp(f"run-{decoder}")
-            train(TrainConfig(**SMALL, decoder=decoder, epochs=EPOCHS[decoder], output=str(out)))
+            train(TrainConfig.from_flat(**SMALL, decoder=decoder, epochs=EPOCHS[decoder], output=str(out)))
             cache[decoder] = out / "best.pt"
         return cache[decoder]
 

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgecap.runtime.engines import BACKENDS
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency.py"
 
 
@@ -26,7 +28,10 @@ def test_latency_benchmark_smoke(trained, exported, tmp_path):
     report = json.loads(out["report.json"].read_text())
     assert {"command", "machine", "floor", "settings", "variants", "skipped"} <= set(report)
     assert report["machine"]["threads"] == 1 and report["floor"]["floor_ms"] > 0
-    assert {"torch", "ort-fp32", "ort-int8"} <= set(report["variants"])
+    assert {"torch-fp32", "ort-fp32", "ort-int8"} <= set(report["variants"])
+    table = {(e, d, p) for e, b in BACKENDS.items() for d in b.devices for p in b.precisions if (p, d) != ("fp16", "cpu")}
+    measured = {**report["variants"], **{n: None for n in report["skipped"]}}
+    assert len(measured) == len(table)  # every pairing of the backend table is measured or skipped with a reason
     for name, v in report["variants"].items():
         assert set(v["latency_ms"]) == {"encoder", "decoder_per_word", "greedy", "beam3"}, name
         for p in v["latency_ms"].values():

@@ -36,8 +36,8 @@ print(cap.precision, '|', result.text)
 def test_bundled_manifest_and_hashes_hold():
     manifest = Manifest.load(BUNDLED)  # checks every graph file's sha256
     assert manifest.decoder == "attention" and "int8" in manifest.graphs
-    assert manifest.source["encoder"] == "efficientnet-lite0" and len(manifest.source["encoder_weights_sha256"]) == 64
-    assert manifest.preprocess.size == 224 and manifest.preprocess.mean == (127 / 255,) * 3
+    assert manifest.source.encoder == "efficientnet-lite0" and len(manifest.source.encoder_weights_sha256) == 64
+    assert manifest.preprocessing.size == 224 and manifest.preprocessing.mean == (127 / 255,) * 3
     total = sum(p.stat().st_size for p in BUNDLED.parent.rglob("*") if p.is_file())
     assert total < MAX_BYTES
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -97,7 +98,7 @@ def test_folder_captions_match_api_and_torch(exported, trained, scenes, split, c
     images = [split.image(i) for i in range(N)]
     api = [c.text for c in Captioner.load(folder, num_beams=beams).caption(images)]
     reference = torch_captions(trained("attention"),
-                               images, SearchOptions(**{**Manifest.load(folder).search, "num_beams": beams}))
+                               images, dataclasses.replace(Manifest.load(folder).search, num_beams=beams))
     assert said == api == reference
 
 
@@ -123,7 +124,7 @@ def test_video_jsonl_every_and_n_best(exported, clip, capsys):
 
 def test_search_flags_override_only_what_is_typed(exported, scenes, capsys):
     image, model = scenes / "scene4.png", exported["attention"]
-    assert Manifest.load(model).search["num_beams"] == 3  # so --n-best 3 alone works only if it is kept
+    assert Manifest.load(model).search.num_beams == 3  # so --n-best 3 alone works only if it is kept
     [default] = records(run(capsys, "--model", model, "--json", "--n-best", 3, image)[1])
     assert len(default["alternatives"]) == 3
     [greedy] = records(run(capsys, "--model", model, "--json", "--beams", 1, image)[1])

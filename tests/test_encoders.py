@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_FLICKR8K
 
 from edgecap.runtime.errors import ModelError
 from edgecap.runtime.preprocess import Preprocessing, read_rgb
 from edgecap.train.encoders import ENCODERS, file_sha256, pretrained_network, weights_file
 from edgecap.train.model import CaptionModel, Encoder, ModelConfig
 from edgecap.train.trainer import TrainConfig
-
-from conftest import SHARED_FLICKR8K
 
 IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151-268 are dog breeds
 
@@ -84,15 +83,15 @@ def test_lite0_stays_in_eval_mode_while_training():
 
 def test_bad_model_settings_fail_before_data_is_read(tmp_path):
     with pytest.raises(ValueError, match="unknown encoder"):
-        TrainConfig(data=str(tmp_path / "nowhere"), encoder="resnet5")
+        TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="resnet5")
     with pytest.raises(ValueError, match="built for 224x224"):
-        TrainConfig(data=str(tmp_path / "nowhere"), encoder="efficientnet-lite0", image_size=160)
+        TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="efficientnet-lite0", image_size=160)
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_preprocessing_travels_bit_for_bit(name):
     """The training transform, written into a checkpoint and a manifest (JSON), is the runtime's transform."""
-    cfg = TrainConfig(data="synthetic", encoder=name)
+    cfg = TrainConfig.from_flat(data="synthetic", encoder=name)
     train_side = cfg.preprocessing()
     runtime_side = Preprocessing.from_dict(json.loads(json.dumps(train_side.to_dict())))
     rgb = np.random.default_rng(0).integers(0, 256, (240, 200, 3), dtype=np.uint8)

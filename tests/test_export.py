@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from edgecap.export.cli import main as export_main
-from edgecap.export.exporter import verify_against_torch
+from edgecap.export.exporter import verify_against_torch, verify_searches
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.engines.ort import OrtEngine
 from edgecap.runtime.errors import ModelError
@@ -81,7 +81,8 @@ def test_tampered_graph_fails_verification(exported, trained, tmp_path):
     split = SyntheticSplit("test", 8, image_size=pre.size)
     images = pre.batch([split.image(i) for i in range(8)])
     with pytest.raises(ModelError, match="differ"):
-        verify_against_torch(TorchEngine(model), OrtEngine(folder, m), images, len(m.vocab), pre, say=print)
+        verify_against_torch(TorchEngine(model), OrtEngine(folder, m), images, len(m.vocab), pre, say=print,
+                                 searches=verify_searches(m))
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])

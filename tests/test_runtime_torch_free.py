@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-RUNTIME_MODULES = ["edgecap.runtime.captioner", "edgecap.runtime.engines.ort", "edgecap.runtime.search",
+RUNTIME_MODULES = ["edgecap.runtime.captioner", "edgecap.runtime.engines", "edgecap.runtime.engines.ort",
+                   "edgecap.runtime.decode", "edgecap.runtime.search",
                    "edgecap.runtime.sources", "edgecap.runtime.render", "edgecap.runtime.attend",
                    "edgecap.runtime.cli", "edgecap.runtime.manifest", "edgecap.runtime.timing"]
 

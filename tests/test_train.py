@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 def _test_captions(ckpt: Path, n: int = 200):
     model, vocab, pre = model_from_checkpoint(load_checkpoint(ckpt))
     split = SyntheticSplit("test", n, seed=0, image_size=pre.size)
-    hyps = caption_split(TorchEngine(model), split, pre, SearchOptions(max_length=20))
+    hyps = caption_split(TorchEngine(model), split, pre, SearchOptions(num_beams=1))
     return split, vocab, [hyps[split.key(i)] for i in range(len(split))]
 
 
@@ -74,7 +74,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     small = dict(data="synthetic", epochs=2, synthetic_train=96, synthetic_dev=16, batch_size=16, min_freq=1,
                  embed_dim=16, hidden_dim=32, attention_dim=16, decoder="attention")
-    train(TrainConfig(**small, output=str(tmp_path / "full")))
+    train(TrainConfig.from_flat(**small, output=str(tmp_path / "full")))
 
     class Killed(Exception):
         pass
@@ -84,7 +84,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train(TrainConfig(**small, output=str(tmp_path / "cut")), on_epoch_end=kill_after_first)
+        train(TrainConfig.from_flat(**small, output=str(tmp_path / "cut")), on_epoch_end=kill_after_first)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["epoch"] == 1
     assert train_main(["--resume", str(tmp_path / "cut" / "last.pt")]) == 0
     full, resumed = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
@@ -152,7 +152,7 @@ def test_model_selection_by_dev_score(tmp_path, monkeypatch, select, best_epoch)
                      {"cider": 0.3, "bleu4": 0.2, "exact": 0.0, "distinct": 5}])
     monkeypatch.setattr("edgecap.train.trainer.dev_scores", lambda *a: next(scripted))
     out = tmp_path / "run"
-    train(TrainConfig(data="synthetic", epochs=2, synthetic_train=16, synthetic_dev=4, batch_size=8, min_freq=1,
+    train(TrainConfig.from_flat(data="synthetic", epochs=2, synthetic_train=16, synthetic_dev=4, batch_size=8, min_freq=1,
                       embed_dim=8, hidden_dim=16, attention_dim=8, output=str(out), select=select))
     best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
     assert best["metrics"]["epoch"] == best_epoch and last["train_state"]["best_epoch"] == best_epoch
@@ -163,13 +163,13 @@ def test_frozen_resnet50_feature_cache(tmp_path):
     cfg = dict(data="synthetic", encoder="resnet50", image_size=64, epochs=1, synthetic_train=24, synthetic_dev=8,
                batch_size=8, min_freq=1, embed_dim=16, hidden_dim=32, attention_dim=16, decoder="plain",
                output=str(tmp_path / "run"))
-    record = train(TrainConfig(**cfg))
+    record = train(TrainConfig.from_flat(**cfg))
     caches = sorted((tmp_path / "run" / "cache").glob("*.pt"))
     assert len(caches) == 2  # train and dev features
     feats = torch.load(caches[1], weights_only=True)
     assert feats.dtype == torch.float16 and feats.shape[1:] == (4, 2048)  # 2x2 grid at 64 px
     stamps = [p.stat().st_mtime_ns for p in caches]
-    train(TrainConfig(**{**cfg, "epochs": 2}), resume=tmp_path / "run" / "last.pt")
+    train(TrainConfig.from_flat(**{**cfg, "epochs": 2}), resume=tmp_path / "run" / "last.pt")
     assert [p.stat().st_mtime_ns for p in caches] == stamps  # reused, not recomputed
     assert record["epoch"] == 1
 

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-fp32", action="store_true",
                    help="leave the fp32 graphs out of the folder (they are still verified and used to make the "
                         "variants): a smaller folder to ship")
-    p.add_argument("--beams", type=int, default=3, help="the model's default beam width, 1 = greedy (default: 3)")
+    p.add_argument("--beams", type=int, default=SearchOptions.num_beams,
+                   help=f"the model's default beam width, 1 = greedy (default: {SearchOptions.num_beams})")
     p.add_argument("--max-length", type=int, default=SearchOptions.max_length,
                    help=f"the model's default most words per caption (default: {SearchOptions.max_length})")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")

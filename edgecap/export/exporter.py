@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -13,13 +14,14 @@ import onnxruntime
 import torch
 
 import edgecap
-from edgecap.runtime.engines.ort import OrtEngine
+from edgecap.runtime.engine import Engine
+from edgecap.runtime.engines import make_engine
 from edgecap.runtime.errors import ModelError
-from edgecap.runtime.manifest import MANIFEST, Manifest
+from edgecap.runtime.manifest import MANIFEST, Manifest, ModelSource
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.sources import read_images
-from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint
+from edgecap.train.checkpoint import load_checkpoint
 from edgecap.train.data import Split, open_splits
 from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4
@@ -31,7 +33,6 @@ from .verify import check_graph, compare_captions, compare_graphs
 DEFAULT_OPSET = 17
 MIN_OPSET = 11
 FP32_ATOL = 1e-4
-SEARCHES = {"greedy": SearchOptions(num_beams=1), "beam3": SearchOptions(num_beams=3)}
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ExportOptions:
     verify_count: int = 16
     force: bool = False
     drop_fp32: bool = False           # ship only the variants (fp32 still made, verified and used to make them)
-    beams: int = 3                    # the manifest's search defaults
+    beams: int = SearchOptions.num_beams  # the manifest's search defaults
     max_length: int = SearchOptions.max_length
 
 
@@ -87,18 +88,19 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     if not MIN_OPSET <= opts.opset <= torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
         raise ValueError(f"the installed exporter cannot write opset {opts.opset} "
                          f"(supported: {MIN_OPSET}-{torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET})")
-    model, vocab, pre = model_from_checkpoint(ckpt)
+    ref = TorchEngine.from_checkpoint(ckpt)
+    model, vocab, pre = ref.model, ref.vocabulary, ref.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, say)
-        ref = TorchEngine(model)
         needs_images = opts.verify or opts.int8 or opts.fp16
         images = None if not needs_images else pre.batch(
             read_images(opts.verify_images, opts.verify_count) if opts.verify_images
             else _split_images(ckpt, "test", opts.verify_count))
         if opts.verify:
-            verify_against_torch(ref, OrtEngine(tmp, manifest), images, vocab_size=len(vocab), pre=pre, say=say)
+            verify_against_torch(ref, make_engine("ort", tmp, manifest=manifest), images, vocab_size=len(vocab),
+                                 pre=pre, say=say, searches=verify_searches(manifest))
         if opts.fp16:
             _add_variant(manifest, tmp, "fp16", {r: convert_fp16 for r in manifest.graphs["fp32"]}, say)
         if opts.int8:
@@ -138,18 +140,24 @@ def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportO
         check_graph(path)
         say(f"  ✓ {path.name}: onnx.checker (full) and shape inference passed")
     return Manifest(
-        decoder=model.cfg.decoder, vocab=ckpt["vocab"], preprocessing=ckpt["preprocessing"],
+        decoder=model.cfg.decoder, vocab=ckpt["vocab"], preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
         context_names=list(model.decoder.context_names), graphs={"fp32": graphs}, opset=opts.opset,
-        search=SearchOptions(num_beams=opts.beams, max_length=opts.max_length).to_dict(),
-        source={"checkpoint": ckpt_path.name, "data": ckpt.get("data", ""), "metrics": ckpt.get("metrics", {}),
-                "encoder": model.cfg.encoder, "encoder_weights_sha256": ckpt.get("encoder_weights_sha256")},
+        search=SearchOptions(num_beams=opts.beams, max_length=opts.max_length),
+        source=ModelSource(ckpt_path.name, ckpt.get("data", ""), ckpt.get("metrics", {}), model.cfg.encoder,
+                           ckpt.get("encoder_weights_sha256")),
         versions={"edgecap": edgecap.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__,
                   "onnxruntime": onnxruntime.__version__},
         precision_notes={"fp32": {"made_by": f"torch.onnx.export opset {opts.opset}"}})
 
 
-def verify_against_torch(ref: TorchEngine, test: OrtEngine, images: np.ndarray, vocab_size: int,
-                         pre: Preprocessing, say) -> None:
+def verify_searches(manifest: Manifest) -> list[SearchOptions]:
+    """Greedy and the model's own default search (when that is a beam search)."""
+    greedy = dataclasses.replace(manifest.search, num_beams=1, num_return_sequences=1)
+    return [greedy] + ([manifest.search] if manifest.search.num_beams > 1 else [])
+
+
+def verify_against_torch(ref: Engine, test: Engine, images: np.ndarray, vocab_size: int, pre: Preprocessing,
+                         say, searches: list[SearchOptions]) -> None:
     """Per-output report on random and real inputs, then token-identical captions; any miss raises."""
     random = np.random.default_rng(0).standard_normal((4, 3, pre.size, pre.size)).astype(np.float32)
     rows = compare_graphs(ref, test, random, "random", FP32_ATOL, vocab_size)
@@ -161,11 +169,11 @@ def verify_against_torch(ref: TorchEngine, test: OrtEngine, images: np.ndarray, 
     if bad:
         raise ModelError(f"{len(bad)} output(s) differ beyond tolerance, e.g. {bad[0].graph}/{bad[0].output} "
                          f"by {bad[0].max_diff:.2e}")
-    for name, opts in SEARCHES.items():
+    for opts in searches:
         want, _, same = compare_captions(ref, test, images, opts)
-        say(f"  {'✓' if same == len(want) else '✗'} captions ({name}): {same}/{len(want)} token-identical")
+        say(f"  {'✓' if same == len(want) else '✗'} captions ({opts.name}): {same}/{len(want)} token-identical")
         if same != len(want):
-            raise ModelError(f"{len(want) - same} {name} caption(s) differ between ONNX Runtime and PyTorch")
+            raise ModelError(f"{len(want) - same} {opts.name} caption(s) differ between ONNX Runtime and PyTorch")
 
 
 def _add_variant(manifest: Manifest, folder: Path, precision: str, makers: dict, say) -> None:
@@ -193,9 +201,10 @@ def _drop_fp32(manifest: Manifest, folder: Path, say) -> None:
 
 def _agreement(manifest: Manifest, folder: Path, precision: str, images: np.ndarray, vocab, say) -> dict:
     """Caption agreement and BLEU-4 of a precision against fp32 on the verification images."""
-    base, test = OrtEngine(folder, manifest, "fp32"), OrtEngine(folder, manifest, precision)
+    base, test = (make_engine("ort", folder, p, manifest=manifest) for p in ("fp32", precision))
     result = {}
-    for name, opts in SEARCHES.items():
+    for opts in verify_searches(manifest):
+        name = opts.name
         want, got, same = compare_captions(base, test, images, opts)
         refs = {str(i): [vocab.decode(w) or "<empty>"] for i, w in enumerate(want)}
         hyps = {str(i): vocab.decode(g) or "<empty>" for i, g in enumerate(got)}

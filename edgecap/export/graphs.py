@@ -65,7 +65,7 @@ def graph_ios(model: CaptionModel) -> list[GraphIO]:
 
 def example_inputs(model: CaptionModel, batch: int = 2) -> dict[str, torch.Tensor]:
     """Inputs of every graph, computed by running the model on random images."""
-    size = model.cfg.image_size
+    size = model.image_size
     with torch.no_grad():
         image = torch.randn(batch, 3, size, size)
         regions, pooled = model.encoder(image)

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from edgecap.runtime.decode import decode
 from edgecap.runtime.engine import Engine
 from edgecap.runtime.errors import ModelError
-from edgecap.runtime.search import SearchOptions, search
+from edgecap.runtime.search import SearchOptions
 
 
 @dataclass
@@ -75,8 +76,4 @@ def compare_captions(a: Engine, b: Engine, images: np.ndarray, opts: SearchOptio
 
 def caption_tokens(engine: Engine, images: np.ndarray, opts: SearchOptions, batch: int = 16) -> list[list[int]]:
     """Best caption's tokens for every image."""
-    out = []
-    for lo in range(0, len(images), batch):
-        state, context = engine.prepare(engine.encode(images[lo: lo + batch]))
-        out += [h[0].tokens for h in search(engine, state, context, opts)]
-    return out
+    return [h[0].tokens for h in decode(engine, images, opts, batch_size=batch)]

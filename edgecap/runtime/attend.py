@@ -18,9 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caption-attend", description=__doc__)
     p.add_argument("image", help="an image file")
     p.add_argument("--model", help="model folder (default: $EDGECAP_MODEL, then ./model, then the bundled model)")
-    p.add_argument("--precision", choices=PRECISIONS, help="graphs to run (default: the folder's best)")
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="graphs to run (default: the folder's best)")
     p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
-    p.add_argument("-o", "--output", type=Path, help="PNG to write (default: IMAGE.attention.png)")
+    p.add_argument("-o", "--output", type=Path,
+                   help="PNG to write (default: beside the image, IMAGE.attention.png)")
     args = p.parse_args(argv)
 
     def body() -> None:

@@ -1,4 +1,7 @@
-"""Python API: `Captioner.load(model_dir, engine=..., precision=...).caption(image_or_path_or_batch)`."""
+"""Python API: `Captioner.load(model_dir, engine=..., precision=...).caption(image_or_path_or_batch)`.
+
+A Captioner holds no per-call state: one instance may caption from several threads at once.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .console import choice_error
+from .decode import decode
 from .engine import Engine
+from .engines import RUNTIME_ENGINES, check_choices, make_engine
+from .errors import DataError
 from .manifest import Manifest
-from .preprocess import read_rgb
-from .search import Hypothesis, SearchOptions, search
-
-ENGINES = ("ort", "trt")
-
+from .preprocess import decode_image, read_rgb
+from .search import Hypothesis, SearchOptions
 
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "flickr8k-lite0"
 
@@ -45,17 +47,26 @@ class Caption:
     alternatives: list[tuple[str, float]] = field(default_factory=list)  # n-best (text, score), best first
     timings: dict[str, float] = field(default_factory=dict)               # milliseconds, per batch
 
+    def to_dict(self, batch: int = 1) -> dict:
+        """The JSON record of a caption (caption-run --json, serving): timings per image of a `batch`."""
+        record = {"caption": self.text, "words": self.words, "score": self.score}
+        if len(self.alternatives) > 1:
+            record["alternatives"] = [{"caption": text, "score": s} for text, s in self.alternatives]
+        record["timings"] = {k: round(ms / batch, 3) for k, ms in self.timings.items()}
+        return record
 
-def make_engine(folder: Path, manifest: Manifest, engine: str, precision: str, device: str,
-                threads: int | None) -> Engine:
-    """The named backend over a model folder: `ort` (CPU/CUDA) or `trt` (ONNX Runtime's TensorRT EP)."""
-    from .engines.ort import OrtEngine
 
-    if engine == "ort":
-        return OrtEngine(folder, manifest, precision, device, threads)
-    if engine == "trt":
-        return OrtEngine(folder, manifest, precision, "tensorrt", threads)
-    raise choice_error("engine", engine, ENGINES)
+def as_rgb(x: object) -> np.ndarray:
+    """What `caption` accepts, as RGB uint8 HxWx3: a path, encoded bytes or a binary file, or an RGB array."""
+    if isinstance(x, (str, Path)):
+        return read_rgb(x)
+    if isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
+        return decode_image(x)
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"expected an image path, encoded bytes or an RGB array, got {type(x).__name__}")
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3 or 0 in x.shape:
+        raise DataError(f"expected an RGB uint8 HxWx3 array, got {x.dtype} of shape {x.shape}")
+    return x
 
 
 class Captioner:
@@ -64,39 +75,39 @@ class Captioner:
     def __init__(self, manifest: Manifest, engine: Engine, options: SearchOptions, precision: str = "fp32"):
         self.manifest, self.engine, self.options, self.precision = manifest, engine, options, precision
         self.vocab = manifest.vocabulary
-        self.preprocess = manifest.preprocess
+        self.preprocess = manifest.preprocessing
 
     @classmethod
     def load(cls, folder: str | Path | None = None, engine: str = "ort", precision: str | None = None,
-             device: str = "cpu", threads: int | None = None, **search: object) -> "Captioner":
-        """A model folder (default: `model_dir(None)`, i.e. the bundled model when nothing else is set) at
-        `precision` (default: the folder's best, fp32 where it has it)."""
+             device: str | None = None, threads: int | None = None, **search: object) -> "Captioner":
+        """A model folder (default: `model_dir(None)`, i.e. the bundled model when nothing else is set) on a
+        runtime engine at `precision` (default: the folder's best, fp32 where it has it)."""
+        check_choices(engine, device, precision, RUNTIME_ENGINES)
         folder = model_dir(folder)
         manifest = Manifest.load(folder)
-        options = SearchOptions(**{**manifest.search, **search})
+        options = SearchOptions.from_dict({**manifest.search.to_dict(), **search})
         precision = precision or manifest.default_precision
-        return cls(manifest, make_engine(folder, manifest, engine, precision, device, threads), options, precision)
+        return cls(manifest, make_engine(engine, folder, precision, device, threads, manifest=manifest), options,
+                   precision)
 
     def caption(self, x, options: SearchOptions | None = None) -> Caption | list[Caption]:
-        """An RGB array or a path -> Caption; a list of them -> list of Captions (one batch)."""
+        """An image (see `as_rgb`) -> Caption; a list of them -> list of Captions (one batch)."""
         if isinstance(x, (list, tuple)):
-            return self.caption_batch([read_rgb(i) if isinstance(i, (str, Path)) else i for i in x], options)
-        return self.caption_batch([read_rgb(x) if isinstance(x, (str, Path)) else x], options)[0]
+            if not x:
+                raise DataError("caption() got an empty list of images")
+            return self.caption_batch([as_rgb(i) for i in x], options)
+        return self.caption_batch([as_rgb(x)], options)[0]
 
     def caption_batch(self, images: list[np.ndarray], options: SearchOptions | None = None) -> list[Caption]:
         """Caption RGB uint8 images in one batch; each Caption carries the batch's stage timings."""
         opts = options or self.options
         t0 = time.perf_counter()
         tensor = self.preprocess.batch(images)
-        t1 = time.perf_counter()
-        features = self.engine.encode(tensor)
-        t2 = time.perf_counter()
-        state, context = self.engine.prepare(features)
-        results = search(self.engine, state, context, opts)
-        t3 = time.perf_counter()
+        timings = {"preprocess_ms": (time.perf_counter() - t0) * 1e3}
+        results = decode(self.engine, tensor, opts, timings=timings)
         words = max(1, max(len(h[0].tokens) + 1 for h in results))
-        timings = {"preprocess_ms": (t1 - t0) * 1e3, "encoder_ms": (t2 - t1) * 1e3, "decoder_ms": (t3 - t2) * 1e3,
-                   "decoder_per_word_ms": (t3 - t2) * 1e3 / words, "total_ms": (t3 - t0) * 1e3}
+        timings["decoder_per_word_ms"] = timings["decoder_ms"] / words
+        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
         return [self._caption(hyps, timings) for hyps in results]
 
     def _caption(self, hyps: list[Hypothesis], timings: dict[str, float]) -> Caption:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import cv2
 
-from .captioner import ENGINES, Caption, Captioner, model_dir
-from .console import choice_error, run_main
+from .captioner import Caption, Captioner, model_dir
+from .console import run_main
+from .engines import BACKENDS, DEVICES, RUNTIME_ENGINES, check_choices
 from .errors import EdgecapError, ModelError
 from .manifest import PRECISIONS
 from .render import attention_figure, draw_caption, save_rgb
@@ -28,7 +29,6 @@ from .sources import Frame, Source, open_source
 from .timing import TimingStats
 
 PROG = "caption-run"
-DEVICES = ("cpu", "cuda")
 SEARCH_FLAGS = {"beams": "num_beams", "max_length": "max_length", "length_penalty": "length_penalty",
                 "n_best": "num_return_sequences"}  # flag -> SearchOptions field; unset flags keep the manifest's
 STAGES = ("preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms")
@@ -41,9 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
     p.add_argument("--model", metavar="DIR", help="model folder made by export-onnx (default: $EDGECAP_MODEL, "
                                                   "then ./model, then the bundled Flickr8k model)")
-    p.add_argument("--engine", default="ort", metavar="{ort,trt}", help="ONNX Runtime or TensorRT (default: ort)")
-    p.add_argument("--device", default="cpu", metavar="{cpu,cuda}", help="for --engine ort (default: cpu)")
-    p.add_argument("--precision", metavar="{fp32,fp16,int8}",
+    p.add_argument("--engine", default="ort", metavar="{" + ",".join(RUNTIME_ENGINES) + "}",
+                   help="ONNX Runtime (ort) or its TensorRT provider (trt) (default: ort)")
+    p.add_argument("--device", metavar="{" + ",".join(DEVICES) + "}",
+                   help="; ".join(f"{n}: {', '.join(BACKENDS[n].devices)}" for n in RUNTIME_ENGINES)
+                   + " (default: the first)")
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
                    help="graphs to run (default: fp32, or the best the model folder has)")
     p.add_argument("--beams", metavar="K", type=int, help="beam width, 1 = greedy (default: the model's)")
     p.add_argument("--max-length", metavar="N", type=int, help="most words per caption (default: the model's)")
@@ -64,10 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuse bad option values before the (slow) model load."""
-    for kind, value, choices in (("engine", args.engine, ENGINES), ("device", args.device, DEVICES),
-                                 ("precision", args.precision, PRECISIONS)):
-        if value is not None and value not in choices:
-            raise choice_error(kind, value, choices)
+    check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
+    if args.threads is not None and args.threads < 1:
+        raise EdgecapError(f"--threads must be at least 1, got {args.threads}")
     if args.batch < 1:
         raise EdgecapError(f"--batch must be at least 1, got {args.batch}")
     if args.attention and args.save is None:
@@ -104,9 +106,8 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
 class Output:
     """Where each captioned frame goes: a stdout line (text or JSON), annotated files, a window."""
 
-    def __init__(self, args: argparse.Namespace, n_best: bool) -> None:
-        self.json, self.save, self.attention, self.show, self.n_best = (
-            args.json, args.save, args.attention, args.show, n_best)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.json, self.save, self.attention, self.show = args.json, args.save, args.attention, args.show
         self.names: set[str] = set()
         if self.save is not None:
             self.save.mkdir(parents=True, exist_ok=True)
@@ -114,12 +115,7 @@ class Output:
     def __call__(self, frame: Frame, caption: Caption, batch: int) -> bool:
         """Emit one result; False once the user has closed the window."""
         if self.json:
-            record = {"source": frame.source, "caption": caption.text, "words": caption.words,
-                      "score": caption.score, "batch": batch}
-            if self.n_best:
-                record["alternatives"] = [{"caption": text, "score": s} for text, s in caption.alternatives]
-            record["timings"] = {k: round(ms / batch, 3) for k, ms in caption.timings.items()}  # per image
-            print(json.dumps(record), flush=True)
+            print(json.dumps({"source": frame.source, "batch": batch, **caption.to_dict(batch)}), flush=True)
         else:
             print(f"{frame.source}\t{caption.text}", flush=True)
         if self.save is None and not self.show:
@@ -173,7 +169,7 @@ def caption_run(args: argparse.Namespace) -> int:
     captioner = load_captioner(args)
     with ExitStack() as stack:
         sources = [stack.enter_context(open_source(uri, args.every, args.max_fps)) for uri in args.sources]
-        output = Output(args, n_best=captioner.options.num_return_sequences > 1)
+        output = Output(args)
         stats = TimingStats()
         try:
             for chunk in batches(sources, args.batch):

@@ -76,15 +76,26 @@ class GraphSpec:
 
 
 @dataclass
+class ModelSource:
+    """Where the graphs came from."""
+
+    checkpoint: str = ""
+    data: str = ""
+    metrics: dict = field(default_factory=dict)   # the checkpoint's last log record
+    encoder: str = ""                             # registry name of the image backbone
+    encoder_weights_sha256: str | None = None     # its pretrained weights file
+
+
+@dataclass
 class Manifest:
     decoder: str                                  # plain | attention
     vocab: list[str]
-    preprocessing: dict
+    preprocessing: Preprocessing
     context_names: list[str]                      # per-image arrays the step reads after h, c
     graphs: dict[str, dict[str, GraphSpec]]       # precision -> role -> graph
     opset: int
-    search: dict = field(default_factory=dict)    # default SearchOptions values
-    source: dict = field(default_factory=dict)    # checkpoint, data, metrics
+    search: SearchOptions = field(default_factory=SearchOptions)  # the model's search defaults
+    source: ModelSource = field(default_factory=ModelSource)
     versions: dict = field(default_factory=dict)  # torch, onnx, onnxruntime, edgecap that made it
     precision_notes: dict = field(default_factory=dict)  # precision -> how it was made and checked
     format_version: int = FORMAT_VERSION
@@ -97,10 +108,6 @@ class Manifest:
     @property
     def vocabulary(self) -> Vocabulary:
         return Vocabulary(self.vocab)
-
-    @property
-    def preprocess(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.preprocessing)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,17 +135,20 @@ class Manifest:
             m = _strict(cls, raw, "manifest")
             m.graphs = {p: {r: GraphSpec.from_dict(g, f"graphs.{p}.{r}") for r, g in roles.items()}
                         for p, roles in m.graphs.items()}
-            m.validate(folder if check_files else None)
+            m.preprocessing = Preprocessing.from_dict(m.preprocessing)
+            m.search = SearchOptions.from_dict(m.search, "the manifest's search")
+            m.source = _strict(ModelSource, m.source, "source")
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from None
         except (TypeError, AttributeError, KeyError, IndexError) as e:
             raise ModelError(f"{path} is malformed: {type(e).__name__}: {e}") from None
+        m.validate(folder if check_files else None)
         return m
 
     def validate(self, folder: Path | None) -> None:
         """Cross-check vocabulary, preprocessing and graphs; with a folder, also files and hashes."""
         try:
-            self.preprocess
             vocab = self.vocabulary
-            SearchOptions(**self.search)
         except ValueError as e:
             raise ModelError(f"manifest: {e}") from None
         if self.decoder not in ("plain", "attention"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -77,7 +78,17 @@ def read_rgb(path: str | Path) -> np.ndarray:
         data = np.fromfile(str(path), np.uint8)
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return decode_image(data, str(path))
+
+
+def decode_image(data: bytes | bytearray | memoryview | np.ndarray | BinaryIO, name: str = "image") -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) or a binary file-like object -> RGB uint8; DataError when undecodable."""
+    if hasattr(data, "read"):
+        data = data.read()
+    if not isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
+        raise DataError(f"{name}: expected encoded image bytes or a binary file, got {type(data).__name__}")
+    buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if bgr is None:
-        raise DataError(f"not a readable image: {path}")
+        raise DataError(f"not a readable image: {name}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -6,19 +6,24 @@ serves every image and every beam; recurrent state is reordered by beam index af
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from .console import choice_error
 from .engine import Arrays, Engine
 from .vocab import Vocabulary
 
 NEG_INF = -np.inf
+WHAT = {bool: "true or false", int: "a whole number", float: "a finite number"}
 
 
 @dataclass(frozen=True)
 class SearchOptions:
-    num_beams: int = 1
+    """How captions are searched; these defaults are the ones `export-onnx` writes into a manifest."""
+
+    num_beams: int = 3              # 1: greedy
     max_length: int = 20            # words generated, <end> included
     min_length: int = 1             # words before <end> may be chosen
     length_penalty: float = 1.0     # score = sum log p / length ** length_penalty
@@ -28,6 +33,12 @@ class SearchOptions:
     block_unk: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (isinstance(value, bool) if kind is bool else
+                    numeric and isinstance(value, int) if kind is int else numeric and math.isfinite(value)):
+                raise ValueError(f"{f.name} must be {WHAT[kind]}, got {value!r}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if not 1 <= self.num_return_sequences <= self.num_beams:
@@ -38,8 +49,24 @@ class SearchOptions:
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
+    @property
+    def name(self) -> str:
+        """How reports name this search: "greedy" or "beamK"."""
+        return "greedy" if self.num_beams == 1 else f"beam{self.num_beams}"
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "search options") -> "SearchOptions":
+        """Options from a manifest or request; an unknown key is a one-line error naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise choice_error(f"key in {where}", unknown[0], sorted(known))
+        return cls(**d)
 
 
 @dataclass

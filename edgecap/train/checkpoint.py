@@ -26,14 +26,18 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write `payload` (plus format tags) so that a kill at any moment leaves the old file or the new one."""
+    atomic_save({"format": FORMAT, "format_version": FORMAT_VERSION,
+                 "versions": {"edgecap": edgecap.__version__, "torch": str(torch.__version__)}, **payload}, path)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file, fsync and rename: a kill leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION,
-               "versions": {"edgecap": edgecap.__version__, "torch": str(torch.__version__)}, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,9 +73,10 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[CaptionModel, Vocabular
     vocab = Vocabulary(ckpt["vocab"])
     if cfg.vocab_size != len(vocab):
         raise ModelError(f"checkpoint vocabulary has {len(vocab)} words but the model expects {cfg.vocab_size}")
-    model = CaptionModel(cfg)
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    model = CaptionModel(cfg, pre.size)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ModelError(f"checkpoint weights do not fit its model config: {str(e).splitlines()[0]}") from None
-    return model.eval(), vocab, Preprocessing.from_dict(ckpt["preprocessing"])
+    return model.eval(), vocab, pre

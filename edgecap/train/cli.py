@@ -9,6 +9,7 @@ import sys
 from edgecap.runtime.console import run_main
 
 from .checkpoint import load_checkpoint
+from .model import ModelConfig
 from .trainer import TrainConfig, train
 
 HELP = {
@@ -26,14 +27,29 @@ HELP = {
     "patience": "stop after this many epochs without a better dev score",
     "dev_limit": "dev images decoded after each epoch",
     "threads": "PyTorch threads (1 is fastest on a busy 2-core CPU)",
+    "image_size": "input side in pixels (default: the encoder's own, 224; 112 for tiny)",
+    "lr": "learning rate (default: 1e-3 for adam, 0.1 for sgd)",
+    "train_limit": "train on the first N training images only",
+    "epochs": "passes over the training pairs",
+    "max_len": "training captions are cut to this many words",
+    "min_freq": "words seen fewer times in training become <unk>",
+    "att_reg": "weight of the doubly stochastic attention regulariser",
+    "embed_dim": "word embedding size",
+    "hidden_dim": "LSTM state size",
+    "attention_dim": "attention layer size",
+    "synthetic_train": "synthetic scenes for training",
+    "synthetic_dev": "synthetic scenes for model selection",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags mirror TrainConfig; defaults are suppressed so only what the user typed overrides."""
+    """Flags mirror TrainConfig and its ModelConfig; defaults are suppressed so only what the user typed
+    overrides."""
     p = argparse.ArgumentParser(prog="caption-train", description=__doc__, argument_default=argparse.SUPPRESS)
     p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (its settings are kept)")
-    for f in dataclasses.fields(TrainConfig):
+    settings = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    settings += [f for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
+    for f in settings:
         flag = "--" + f.name.replace("_", "-")
         default = f.default
         kind = f.type if isinstance(f.type, str) else f.type.__name__
@@ -52,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         resume = args.pop("resume", None)
         ckpt = load_checkpoint(resume) if resume else None
-        cfg = TrainConfig(**{**(ckpt["train_config"] if ckpt else {}), **args})
+        cfg = TrainConfig.from_flat(**{**(ckpt["train_config"] if ckpt else {}), **args})
         train(cfg, resume=ckpt)
         print(f"checkpoints in {cfg.output}/ (best.pt, last.pt); log in {cfg.output}/log.jsonl")
 

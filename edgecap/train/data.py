@@ -69,7 +69,7 @@ class Head:
 
 
 def open_splits(data: str, *, layout: str | None = None, on_missing: str = "error", seed: int = 0,
-                image_size: int = 112, synthetic_sizes: dict[str, int] | None = None
+                image_size: int | None = None, synthetic_sizes: dict[str, int] | None = None
                 ) -> tuple[dict[str, Split], str]:
     """`synthetic` or a data set path -> ({"train", "dev", "test"}: Split, one-line description)."""
     if data == "synthetic":

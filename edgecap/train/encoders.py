@@ -12,7 +12,6 @@ need a hand-written key map from these weights, and a key map is where silent lo
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +22,9 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
-from edgecap.runtime.errors import ModelError
 from edgecap.runtime.console import choice_error
+from edgecap.runtime.errors import ModelError
+from edgecap.runtime.manifest import sha256 as file_sha256
 from edgecap.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 from .safe_load import load_torch_file
@@ -132,14 +132,6 @@ def build_body(name: str, image_size: int) -> nn.Sequential:
     """The randomly initialised body of a backbone (weights come from `load_pretrained` or a checkpoint)."""
     spec = encoder_spec(name)
     return spec.body(spec.network() if spec.network else None, image_size)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_file(name: str, source: str) -> Path | None:

@@ -8,38 +8,42 @@ distinct captions, and an image-shuffle check (the same captions scored against 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from edgecap.runtime.captioner import ENGINES, make_engine
-from edgecap.runtime.console import run_main
+from edgecap.runtime.console import choice_error, run_main
+from edgecap.runtime.engines import DEVICES, RUNTIME_ENGINES, check_choices, make_engine
 from edgecap.runtime.manifest import PRECISIONS, Manifest
 from edgecap.runtime.search import SearchOptions
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import open_splits
 from .engine import TorchEngine
 from .evaluate import caption_split
 from .metrics import corpus_stats, java_available, score_captions
 
 HEADLINE_METRICS = ("BLEU-4", "CIDEr-D")  # the shuffle check's and the baseline line's
+SPLITS = ("dev", "test")
 
 
-def _engine(model: Path, engine: str, precision: str, device: str):
-    """A checkpoint runs through PyTorch; a model folder through the named runtime engine."""
+def _engine(model: Path, engine: str, precision: str | None, device: str | None):
+    """A checkpoint runs through PyTorch, a model folder through the named runtime engine;
+    -> (engine, vocabulary, preprocessing, search defaults, engine name, precision)."""
     if model.is_file():
-        net, vocab, pre = model_from_checkpoint(load_checkpoint(model))
-        return TorchEngine(net), vocab, pre, "torch", "fp32"
+        torch_engine = TorchEngine.from_checkpoint(model, device or "cpu")
+        return torch_engine, torch_engine.vocabulary, torch_engine.preprocess, SearchOptions(), "torch", "fp32"
     manifest = Manifest.load(model)
-    return make_engine(model, manifest, engine, precision, device, None), manifest.vocabulary, \
-        manifest.preprocess, engine, precision
+    precision = precision or manifest.default_precision
+    return (make_engine(engine, model, precision, device, manifest=manifest), manifest.vocabulary,
+            manifest.preprocessing, manifest.search, engine, precision)
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    engine, vocab, pre, engine_name, precision = _engine(Path(args.model), args.engine, args.precision, args.device)
+    engine, vocab, pre, defaults, engine_name, precision = _engine(Path(args.model), args.engine, args.precision,
+                                                                   args.device)
     splits, desc = open_splits(args.data, layout=args.layout, on_missing="skip", image_size=pre.size)
     split = splits[args.split]
     n = min(args.limit or len(split), len(split))
@@ -52,9 +56,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     keys = list(refs)
     shuffled_keys = [keys[j] for j in rng.permutation(len(keys))]
-    for beams in args.beams:
-        name = "greedy" if beams == 1 else f"beam{beams}"
-        opts = SearchOptions(num_beams=beams, max_length=args.max_length)
+    beam_widths = args.beams or sorted({1, defaults.num_beams})
+    for beams in beam_widths:
+        opts = dataclasses.replace(defaults, num_beams=beams, num_return_sequences=1,
+                                   max_length=args.max_length or defaults.max_length)
+        name = opts.name
         hyps = caption_split(engine, split, pre, opts, n, progress=True)
         texts = {k: vocab.decode(h.tokens) for k, h in hyps.items()}
         shuffled = {k: texts[s] for k, s in zip(keys, shuffled_keys)}
@@ -124,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="a checkpoint (.pt) or a model folder")
     p.add_argument("--data", required=True, help="data set folder/file, or synthetic")
     p.add_argument("--layout", help="force a data layout")
-    p.add_argument("--split", default="test", choices=("dev", "test"))
-    p.add_argument("--engine", default="ort", choices=ENGINES, help="runtime engine for a model folder")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--beams", default="1,3", type=lambda s: [int(b) for b in s.split(",")],
-                   help="comma-separated beam widths, 1 = greedy (default: 1,3)")
-    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--split", default="test", metavar="{dev,test}", help="(default: test)")
+    p.add_argument("--engine", default="ort", metavar="{" + ",".join(RUNTIME_ENGINES) + "}",
+                   help="runtime engine for a model folder (a checkpoint runs in PyTorch)")
+    p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="graphs of a model folder (default: the folder's best, fp32 where it has it)")
+    p.add_argument("--device", metavar="{" + ",".join(DEVICES) + "}", help="(default: the engine's first, cpu)")
+    p.add_argument("--beams", type=lambda s: [int(b) for b in s.split(",")],
+                   help="comma-separated beam widths, 1 = greedy (default: 1 and the model's own)")
+    p.add_argument("--max-length", type=int, help="most words per caption (default: the model's)")
     p.add_argument("--limit", type=int, help="first N images of the split")
     p.add_argument("--spice", action="store_true", help="also try SPICE (needs Stanford CoreNLP models)")
     p.add_argument("--no-java", action="store_true", help="simple tokenizer, no METEOR (no Java needed)")
@@ -141,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
+        if args.split not in SPLITS:
+            raise choice_error("split", args.split, SPLITS)
+        check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
         baseline = read_baseline(args.baseline) if args.baseline else None
         report = evaluate(args)
         if baseline is not None:

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from edgecap.runtime.decode import decode
 from edgecap.runtime.engine import Engine
 from edgecap.runtime.preprocess import Preprocessing
-from edgecap.runtime.search import Hypothesis, SearchOptions, search
+from edgecap.runtime.search import Hypothesis, SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
 from .data import Split
@@ -23,14 +24,12 @@ def caption_split(engine: Engine, split: Split, preprocess: Preprocessing, opts:
     out: dict[str, Hypothesis] = {}
     for lo in tqdm(range(0, n, batch_size), desc=f"caption {split.name}", disable=None if progress else True, leave=False):
         idx = range(lo, min(lo + batch_size, n))
-        if features is not None:
+        if features is not None:  # cached regions of a frozen encoder; pooled is their mean, as the encoder's
             regions = features[lo: lo + len(idx)].float().numpy()
-            feats = {"regions": regions, "pooled": regions.mean(1)}  # cached features: frozen ResNet50
+            hyps = decode(engine, None, opts, features={"regions": regions, "pooled": regions.mean(1)})
         else:
-            feats = engine.encode(preprocess.batch([split.image(i) for i in idx]))
-        state, context = engine.prepare(feats)
-        for i, hyps in zip(idx, search(engine, state, context, opts)):
-            out[split.key(i)] = hyps[0]
+            hyps = decode(engine, preprocess.batch([split.image(i) for i in idx]), opts)
+        out.update((split.key(i), h[0]) for i, h in zip(idx, hyps))
     return out
 
 

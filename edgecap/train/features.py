@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import warnings
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from edgecap.runtime.preprocess import Preprocessing
 
+from .checkpoint import atomic_save
 from .data import Split
 from .model import Encoder
 
@@ -102,14 +102,5 @@ def cached_features(encoder: Encoder, split: Split, pre: Preprocessing, device: 
         digest.update(t.cpu().numpy().tobytes())
     path = cache_dir / f"{split.name.replace('/', '_')}-{digest.hexdigest()[:12]}.pt"
     if main and not path.exists():
-        feats = encode_split(encoder, split, pre, device, limit, f"encode {split.name}")
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(feats, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save(encode_split(encoder, split, pre, device, limit, f"encode {split.name}"), path)
     return path

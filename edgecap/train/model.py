@@ -10,10 +10,12 @@ engine use exactly these two functions.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from edgecap.runtime.console import choice_error
 from edgecap.runtime.errors import ModelError
 
 from .encoders import build_body, encoder_spec, load_pretrained
@@ -23,11 +25,12 @@ DECODERS = ("plain", "attention")
 
 @dataclass
 class ModelConfig:
+    """What a checkpoint's network is. The input size is not here: it lives in the preprocessing spec."""
+
     decoder: str = "attention"
-    encoder: str = "resnet50"
-    encoder_weights: str = "none"    # imagenet | none | PATH to a state dict (recorded; loaded by the trainer)
-    finetune_blocks: int = 0         # trainable last stages of a pretrained backbone; tiny is always trained
-    image_size: int = 224
+    encoder: str | None = None          # registry name (None: the trainer picks tiny for synthetic data,
+    encoder_weights: str | None = None  # efficientnet-lite0 otherwise); weights: imagenet | none | PATH
+    finetune_blocks: int = 0            # trainable last stages of a pretrained backbone; tiny is always trained
     vocab_size: int = 0
     embed_dim: int = 256
     hidden_dim: int = 512
@@ -36,17 +39,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
-            raise ValueError(f"unknown decoder {self.decoder!r}; choose from {DECODERS}")
-        spec = encoder_spec(self.encoder)
-        if not 0 <= self.finetune_blocks <= spec.stages:
-            raise ValueError(f"finetune_blocks must be 0-{spec.stages} for {self.encoder}, got {self.finetune_blocks}")
-        if spec.fixed_size and self.image_size != spec.preprocessing.size:
-            raise ValueError(f"{self.encoder} is built for {spec.preprocessing.size}x{spec.preprocessing.size} images "
-                             f"(static padding), not {self.image_size}")
+            raise choice_error("decoder", self.decoder, DECODERS)
+        if self.encoder is not None:
+            spec = encoder_spec(self.encoder)
+            if not 0 <= self.finetune_blocks <= spec.stages:
+                raise ValueError(f"finetune_blocks must be 0-{spec.stages} for {self.encoder}, "
+                                 f"got {self.finetune_blocks}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k != "image_size"}  # checkpoints of edgecap 0.1 kept a copy here
         unknown = set(d) - names
         if unknown:
             raise ModelError(f"checkpoint has unknown model settings {sorted(unknown)}")
@@ -62,10 +65,14 @@ class Encoder(nn.Module):
     Built with random weights; `load_pretrained` (or a checkpoint) fills them in.
     """
 
-    def __init__(self, name: str = "resnet50", finetune_blocks: int = 0, image_size: int = 224,
+    def __init__(self, name: str = "resnet50", finetune_blocks: int = 0, image_size: int | None = None,
                  learned_pool: bool = False):
         super().__init__()
         self.spec = encoder_spec(name)
+        image_size = image_size or self.spec.preprocessing.size
+        if self.spec.fixed_size and image_size != self.spec.preprocessing.size:
+            raise ValueError(f"{name} is built for {self.spec.preprocessing.size}x{self.spec.preprocessing.size} "
+                             f"images (static padding), not {image_size}")
         self.name = name
         self.body = build_body(name, image_size)
         self.dim = self.spec.channels
@@ -202,12 +209,15 @@ class AttentionDecoder(nn.Module):
 class CaptionModel(nn.Module):
     """Encoder plus decoder; `forward` is teacher-forced training, `encoder`/`decoder` serve inference."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, image_size: int | None = None):
         super().__init__()
         if cfg.vocab_size < 5:
             raise ValueError("vocab_size must be set from the vocabulary")
+        if cfg.encoder is None:
+            raise ValueError("ModelConfig.encoder must be set")
         self.cfg = cfg
-        self.encoder = Encoder(cfg.encoder, cfg.finetune_blocks, cfg.image_size, learned_pool=cfg.decoder == "plain")
+        self.encoder = Encoder(cfg.encoder, cfg.finetune_blocks, image_size, learned_pool=cfg.decoder == "plain")
+        self.image_size = image_size or self.encoder.spec.preprocessing.size
         decoder_cls = AttentionDecoder if cfg.decoder == "attention" else PlainDecoder
         self.decoder = decoder_cls(cfg, self.encoder.dim)
 

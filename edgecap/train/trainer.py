@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from collections.abc import Callable
-import dataclasses
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
 from .checkpoint import checkpoint_model_config, load_checkpoint, save_checkpoint
-from .data import CaptionPairs, Head, Split, collate, open_splits
-from .engine import TorchEngine
+from .data import CaptionPairs, Head, collate, open_splits
 from .encoders import encoder_spec
+from .engine import TorchEngine
 from .evaluate import caption_split, dev_scores
 from .features import cached_features
 from .model import CaptionModel, ModelConfig
@@ -41,15 +41,8 @@ class TrainConfig:
     layout: str | None = None
     on_missing: str = "error"          # error | skip: listed images whose file is missing
     output: str = "runs/exp"
-    decoder: str = "attention"
-    encoder: str | None = None         # default: tiny for synthetic, efficientnet-lite0 otherwise
-    encoder_weights: str | None = None # imagenet | none | PATH (default: the encoder's own, see encoders.py)
-    finetune_blocks: int = 0
-    image_size: int | None = None      # default: the encoder's (224; 112 for tiny)
-    embed_dim: int = 256
-    hidden_dim: int = 512
-    attention_dim: int = 256
-    dropout: float = 0.5
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image_size: int | None = None      # input side for the preprocessing spec (default: the encoder's)
     epochs: int = 20
     batch_size: int = 64
     optimizer: str = "adam"            # adam | sgd (with momentum)
@@ -77,31 +70,43 @@ class TrainConfig:
     threads: int | None = None         # PyTorch threads (1 is fastest on a busy 2-core CPU)
 
     def __post_init__(self) -> None:
+        """Fill in the data-dependent defaults; bad settings fail here, before any data is read."""
+        if isinstance(self.model, dict):  # a checkpoint's train_config
+            self.model = ModelConfig(**self.model)
         checks = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "step", "constant"),
                   "on_missing": ("error", "skip"), "select": tuple(SELECT)}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise choice_error(name, getattr(self, name), allowed)
-        if self.encoder is None:
-            self.encoder = "tiny" if self.data == "synthetic" else "efficientnet-lite0"
-        spec = encoder_spec(self.encoder)
-        if self.encoder_weights is None:
-            self.encoder_weights = spec.default_weights
+        encoder = self.model.encoder or ("tiny" if self.data == "synthetic" else "efficientnet-lite0")
+        spec = encoder_spec(encoder)
+        self.model = dataclasses.replace(self.model, encoder=encoder,
+                                         encoder_weights=self.model.encoder_weights or spec.default_weights)
         if self.image_size is None:
             self.image_size = spec.preprocessing.size
+        if spec.fixed_size and self.image_size != spec.preprocessing.size:
+            raise ValueError(f"{encoder} is built for {spec.preprocessing.size}x{spec.preprocessing.size} images "
+                             f"(static padding), not {self.image_size}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adam" else 0.1
-        self.model_config(vocab_size=5)  # bad model settings fail here, before any data is read
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> "TrainConfig":
+        """From flat settings (command-line flags; checkpoints of edgecap 0.1): ModelConfig's go into `model`."""
+        names = {f.name for f in fields(ModelConfig)}
+        model = settings.pop("model", None) or {}
+        model = asdict(model) if isinstance(model, ModelConfig) else dict(model)
+        model.update({k: settings.pop(k) for k in list(settings) if k in names})
+        return cls(model=ModelConfig(**model), **settings)
 
     def preprocessing(self) -> Preprocessing:
         """The encoder's preprocessing at this run's image size (written into checkpoints and manifests)."""
-        return dataclasses.replace(encoder_spec(self.encoder).preprocessing, size=self.image_size)
+        return dataclasses.replace(encoder_spec(self.model.encoder).preprocessing, size=self.image_size)
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        names = {f.name for f in fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in asdict(self).items() if k in names}, vocab_size=vocab_size)
+        return dataclasses.replace(self.model, vocab_size=vocab_size)
 
 
 @dataclass
@@ -187,13 +192,13 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         vocab = Vocabulary.build((c for i in range(len(train_split)) for c in train_split.captions(i)),
                                  cfg.min_freq)
         mcfg = cfg.model_config(len(vocab))
-    model = CaptionModel(mcfg)
     pre = cfg.preprocessing()
+    model = CaptionModel(mcfg, pre.size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         weights_sha256 = ckpt.get("encoder_weights_sha256")
     else:
-        weights_sha256 = model.encoder.load_pretrained(cfg.encoder_weights)
+        weights_sha256 = model.encoder.load_pretrained(cfg.model.encoder_weights)
     model.to(ctx.device)
     opt, sched = _make_optimizer(cfg, model.parameters())
     state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
@@ -256,7 +261,7 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         stop = torch.zeros(1)
         if ctx.main:
             model.eval()
-            hyps = caption_split(TorchEngine(model, ctx.device), dev_split, pre, SearchOptions(max_length=cfg.max_len),
+            hyps = caption_split(TorchEngine(model, ctx.device), dev_split, pre, SearchOptions(num_beams=1),
                                  cfg.dev_limit, dev_feats)
             record.update({f"dev_{k}": v for k, v in dev_scores(hyps, dev_split, vocab).items()})
             score = record[SELECT[cfg.select]]

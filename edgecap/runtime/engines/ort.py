@@ -1,8 +1,10 @@
-"""ONNX Runtime engine: CPU, CUDA and TensorRT execution providers behind one Engine."""
+"""ONNX Runtime engine: the CPU, CUDA and TensorRT execution providers (rows `ort` and `trt`) behind one Engine."""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,6 @@ from ..manifest import Manifest
 log = logging.getLogger(__name__)
 EXPORT_FLAG = {"fp32": "export-onnx without --drop-fp32", "fp16": "export-onnx --fp16", "int8": "export-onnx --int8"}
 
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
 OPTIMIZATION = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                 "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -30,17 +27,22 @@ class OrtEngine(Engine):
     """Runs a model folder's encoder, decoder_init and decoder_step graphs in ONNX Runtime sessions.
 
     On CUDA, IO binding keeps each batch's per-image context (regions, keys) on the device across all
-    word steps instead of copying it in every call.
+    word steps instead of copying it in every call. Sessions are shared and ORT runs them from several
+    threads at once; the bound context is per thread, so one engine serves concurrent callers.
     """
 
-    def __init__(self, folder: str | Path, manifest: Manifest, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None, optimization: str = "all"):
+    @classmethod
+    def open(cls, folder: Path, *, precision: str, device: str, providers: Sequence[str], threads: int | None,
+             manifest: Manifest | None = None, optimization: str = "all") -> "OrtEngine":
+        return cls(folder, manifest or Manifest.load(folder), precision, providers, threads, optimization)
+
+    def __init__(self, folder: str | Path, manifest: Manifest, precision: str = "fp32",
+                 providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None,
+                 optimization: str = "all"):
         if precision not in manifest.graphs:
             raise ModelError(f"model folder {folder} has no {precision} graphs; it has {', '.join(manifest.graphs)} "
                              f"(pass --precision {manifest.default_precision}, or export with {EXPORT_FLAG[precision]})")
-        if device not in PROVIDERS:
-            raise ValueError(f"unknown device {device!r}; choose from {', '.join(PROVIDERS)}")
-        wanted = PROVIDERS[device][0]
+        wanted = providers[0]
         if wanted not in ort.get_available_providers():
             raise ModelError(f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "
                              "install onnxruntime-gpu for CUDA/TensorRT")
@@ -57,18 +59,17 @@ class OrtEngine(Engine):
         for role, spec in self.graphs.items():
             try:
                 self.sessions[role] = ort.InferenceSession(str(Path(folder) / spec.file), opts,
-                                                           providers=PROVIDERS[device])
+                                                           providers=list(providers))
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise ModelError(f"ONNX Runtime cannot load {spec.file}: {str(e).splitlines()[0][:200]}") from None
             if self.sessions[role].get_providers()[0] != wanted:
                 raise ModelError(f"ONNX Runtime could not start {wanted} for {spec.file} "
                                  f"(it fell back to {self.sessions[role].get_providers()[0]})")
         self.context_names = tuple(manifest.context_names)
-        self.device = device
-        self.io_binding = device != "cpu"
-        self._bound: tuple[Arrays, dict] | None = None  # (the context dict, its device OrtValues)
-        log.info("onnxruntime %s on %s (%s), IO binding %s", ort.__version__, device,
-                 self.sessions["encoder"].get_providers()[0], "on" if self.io_binding else "off")
+        self.provider = wanted
+        self.io_binding = wanted != "CPUExecutionProvider"
+        self._local = threading.local()  # per thread: (the context dict, its device OrtValues)
+        log.info("onnxruntime %s with %s, IO binding %s", ort.__version__, wanted, "on" if self.io_binding else "off")
 
     def _run(self, role: str, feeds: Arrays) -> Arrays:
         sess = self.sessions[role]
@@ -93,14 +94,15 @@ class OrtEngine(Engine):
     def _step_bound(self, feeds: Arrays, context: Arrays) -> Arrays:
         """One step with the per-image context bound once per batch as device-resident OrtValues."""
         sess = self.sessions["decoder_step"]
-        if self._bound is None or self._bound[0] is not context:
-            self._bound = (context, {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(context[n]),
-                                                                              "cuda", 0)
-                                         for n in self.context_names})
+        bound = getattr(self._local, "bound", None)
+        if bound is None or bound[0] is not context:
+            bound = self._local.bound = (context, {
+                n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(context[n]), "cuda", 0)
+                for n in self.context_names})
         binding = sess.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, value in self._bound[1].items():
+        for name, value in bound[1].items():
             binding.bind_ortvalue_input(name, value)
         names = self.graphs["decoder_step"].output_names()
         for name in names:
