@@ -34,6 +34,6 @@ TRAIN_REAL := $(BIN)/caption-train --data $(DATA) --on-missing skip --encoder ef
 model: $(STAMP)
 	$(TRAIN_REAL) --decoder attention --output $(RUNS)/attention
 	$(TRAIN_REAL) --decoder plain --output $(RUNS)/plain
-	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(RUNS)/attention/model --int8 --force
-	$(BIN)/export-onnx $(RUNS)/plain/best.pt -o $(RUNS)/plain/model --int8 --force
-	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(BUNDLED) --int8 --drop-fp32 --force
+	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(RUNS)/attention/model --int8 --keep-fp32 encoder --force
+	$(BIN)/export-onnx $(RUNS)/plain/best.pt -o $(RUNS)/plain/model --int8 --keep-fp32 encoder --force
+	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(BUNDLED) --int8 --keep-fp32 encoder --drop-fp32 --force

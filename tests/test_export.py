@@ -82,7 +82,7 @@ def test_tampered_graph_fails_verification(exported, trained, tmp_path):
     images = pre.batch([split.image(i) for i in range(8)])
     with pytest.raises(ModelError, match="differ"):
         verify_against_torch(TorchEngine(model), OrtEngine(folder, m), images, len(m.vocab), pre, say=print,
-                                 searches=verify_searches(m))
+                             searches=verify_searches(m))
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp16"])

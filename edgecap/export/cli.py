@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-fp32", action="store_true",
                    help="leave the fp32 graphs out of the folder (they are still verified and used to make the "
                         "variants): a smaller folder to ship")
+    p.add_argument("--keep-fp32", metavar="ROLES", type=lambda t: tuple(t.split(",")), default=(),
+                   help="comma-separated graphs (encoder, decoder_init, decoder_step) that the --int8/--fp16 "
+                        "variants keep in fp32, e.g. an encoder whose int8 form changes too many captions")
     p.add_argument("--beams", type=int, default=SearchOptions.num_beams,
                    help=f"the model's default beam width, 1 = greedy (default: {SearchOptions.num_beams})")
     p.add_argument("--max-length", type=int, default=SearchOptions.max_length,

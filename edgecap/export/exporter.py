@@ -17,7 +17,8 @@ import edgecap
 from edgecap.runtime.engine import Engine
 from edgecap.runtime.engines import make_engine
 from edgecap.runtime.errors import ModelError
-from edgecap.runtime.manifest import MANIFEST, Manifest, ModelSource
+from edgecap.runtime.console import choice_error
+from edgecap.runtime.manifest import MANIFEST, ROLES, Manifest, ModelSource
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.sources import read_images
@@ -48,6 +49,7 @@ class ExportOptions:
     verify_count: int = 16
     force: bool = False
     drop_fp32: bool = False           # ship only the variants (fp32 still made, verified and used to make them)
+    keep_fp32: tuple[str, ...] = ()   # graphs (roles) the variants share with fp32 instead of converting
     beams: int = SearchOptions.num_beams  # the manifest's search defaults
     max_length: int = SearchOptions.max_length
 
@@ -82,6 +84,9 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
         raise ModelError(f"the checkpoint lies inside {out}; choose another output folder")
     if opts.drop_fp32 and not (opts.int8 or opts.fp16):
         raise ValueError("--drop-fp32 leaves no graphs: add --int8 and/or --fp16")
+    for role in opts.keep_fp32:
+        if role not in ROLES:
+            raise choice_error("graph for --keep-fp32", role, ROLES)
     SearchOptions(num_beams=opts.beams, max_length=opts.max_length)  # bad search defaults fail before the work
     if opts.calib_count < 1 or opts.verify_count < 1:
         raise ValueError("--calib-count and --verify-count must be at least 1")
@@ -102,14 +107,15 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
             verify_against_torch(ref, make_engine("ort", tmp, manifest=manifest), images, vocab_size=len(vocab),
                                  pre=pre, say=say, searches=verify_searches(manifest))
         if opts.fp16:
-            _add_variant(manifest, tmp, "fp16", {r: convert_fp16 for r in manifest.graphs["fp32"]}, say)
+            _add_variant(manifest, tmp, "fp16", {r: convert_fp16 for r in manifest.graphs["fp32"]}, opts.keep_fp32,
+                         say)
         if opts.int8:
             calib = read_images(opts.calib, opts.calib_count) if opts.calib else \
                 _split_images(ckpt, "train", opts.calib_count)
             batches = [pre.batch(calib[i: i + 8]) for i in range(0, len(calib), 8)]
             makers = {"encoder": lambda a, b: quantize_encoder_static(a, b, batches, cache=tmp / "calibration.json"),
                       "decoder_init": quantize_decoder_weights, "decoder_step": quantize_decoder_weights}
-            _add_variant(manifest, tmp, "int8", makers, say)
+            _add_variant(manifest, tmp, "int8", makers, opts.keep_fp32, say)
         for precision in [p for p in manifest.graphs if p != "fp32"]:
             manifest.precision_notes[precision].update(_agreement(manifest, tmp, precision, images, vocab, say))
         if opts.drop_fp32:
@@ -176,10 +182,17 @@ def verify_against_torch(ref: Engine, test: Engine, images: np.ndarray, vocab_si
             raise ModelError(f"{len(want) - same} {opts.name} caption(s) differ between ONNX Runtime and PyTorch")
 
 
-def _add_variant(manifest: Manifest, folder: Path, precision: str, makers: dict, say) -> None:
+def _add_variant(manifest: Manifest, folder: Path, precision: str, makers: dict, keep: tuple[str, ...], say) -> None:
+    """Make a precision's graphs from the fp32 ones; the `keep` roles share the fp32 graph file."""
     graphs, methods = {}, {}
     for role, make in makers.items():
         src = folder / manifest.graphs["fp32"][role].file
+        if role in keep:
+            graphs[role] = manifest.graphs["fp32"][role]
+            methods[role] = {"method": "fp32 (kept: --keep-fp32)", "bytes": src.stat().st_size,
+                             "fp32_bytes": src.stat().st_size}
+            say(f"  ✓ {src.name}: kept in fp32 for {precision}")
+            continue
         dst = folder / f"{role}.{precision}.onnx"
         report = make(src, dst)
         graphs[role] = graph_spec(dst)
@@ -191,9 +204,12 @@ def _add_variant(manifest: Manifest, folder: Path, precision: str, makers: dict,
 
 
 def _drop_fp32(manifest: Manifest, folder: Path, say) -> None:
-    """Remove the fp32 graphs (and the calibration cache) from a folder that ships variants only."""
-    for spec in manifest.graphs.pop("fp32").values():
-        (folder / spec.file).unlink()
+    """Remove the fp32 graphs no variant shares (and the calibration cache) from a folder that ships variants."""
+    dropped = manifest.graphs.pop("fp32")
+    shared = {spec.file for roles in manifest.graphs.values() for spec in roles.values()}
+    for spec in dropped.values():
+        if spec.file not in shared:
+            (folder / spec.file).unlink()
     (folder / "calibration.json").unlink(missing_ok=True)
     manifest.precision_notes["fp32"]["dropped"] = "verified against PyTorch, then left out of this folder"
     say(f"  fp32 graphs left out (--drop-fp32); the folder has {', '.join(manifest.graphs)}")
