@@ -6,7 +6,9 @@ import sys
 RUNTIME_MODULES = ["edgecap.runtime.captioner", "edgecap.runtime.engines", "edgecap.runtime.engines.ort",
                    "edgecap.runtime.decode", "edgecap.runtime.search",
                    "edgecap.runtime.sources", "edgecap.runtime.render", "edgecap.runtime.attend",
-                   "edgecap.runtime.cli", "edgecap.runtime.manifest", "edgecap.runtime.timing"]
+                   "edgecap.runtime.cli", "edgecap.runtime.manifest", "edgecap.runtime.timing",
+                   # plain-Python data code that torch-free tools (the latency benchmark's variants) import
+                   "edgecap.train.synthetic", "edgecap.train.datasets"]
 
 
 def test_runtime_imports_without_torch():

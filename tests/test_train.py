@@ -93,6 +93,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+    records = [load_checkpoint(tmp_path / run / "last.pt") for run in ("full", "cut")]
+    assert records[0]["model_config"] == records[1]["model_config"]  # resuming keeps the recorded settings
+    assert {**records[0]["train_config"], "output": ""} == {**records[1]["train_config"], "output": ""}
 
 
 def test_checkpoint_errors(tmp_path, trained, capsys):

@@ -63,8 +63,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_model_config(ckpt: dict[str, Any]) -> ModelConfig:
-    """The model settings a checkpoint was trained with (its weights come from the checkpoint itself)."""
-    return ModelConfig.from_dict({**ckpt["model_config"], "encoder_weights": "none"})
+    """The model settings a checkpoint was trained with, as recorded (building a model never loads weights:
+    they come from the checkpoint itself)."""
+    return ModelConfig.from_dict(ckpt["model_config"])
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[CaptionModel, Vocabulary, Preprocessing]:

@@ -28,6 +28,7 @@ from edgecap.runtime.manifest import sha256 as file_sha256
 from edgecap.runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 from .safe_load import load_torch_file
+from .synthetic import SCENE_SIZE
 
 #: RGB (pixel - 127) / 128, the TensorFlow scheme the EfficientNet-Lite weights were trained with
 TF_MEAN, TF_STD = (127 / 255,) * 3, (128 / 255,) * 3
@@ -117,7 +118,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     "efficientnet-lite0": EncoderSpec(_lite0, _lite0_body, 320, 32, Preprocessing(224, TF_MEAN, TF_STD),
                                       {"imagenet": _lite0_file}, default_weights="imagenet", fixed_size=True,
                                       always_eval=True, stages=16),
-    "tiny": EncoderSpec(None, _tiny_body, 128, 16, Preprocessing(112, IMAGENET_MEAN, IMAGENET_STD), {},
+    "tiny": EncoderSpec(None, _tiny_body, 128, 16, Preprocessing(SCENE_SIZE, IMAGENET_MEAN, IMAGENET_STD), {},
                         trained=True),
 }
 

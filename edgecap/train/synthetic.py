@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .encoders import ENCODERS
-
 GRID = 7
+SCENE_SIZE = 112  # pixels per side: the tiny encoder's input (its registry row reads it from here)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.28, "large": 0.45}  # radius as a fraction of a cell
@@ -44,13 +43,13 @@ class SyntheticSplit:
     """One split of synthetic scenes; scene i is a pure function of (seed, split, i)."""
 
     def __init__(self, split: str, n: int | None = None, seed: int = 0, image_size: int | None = None):
-        """`image_size` defaults to the input size of the tiny encoder the synthetic task is made for."""
+        """Scenes drawn at `image_size` pixels (default: SCENE_SIZE)."""
         if split not in SPLIT_SEEDS:
             raise ValueError(f"unknown split {split!r}")
         self.name = f"synthetic/{split}"
         self.n = DEFAULT_SIZES[split] if n is None else n
         self.seed = (seed, SPLIT_SEEDS[split])
-        self.image_size = image_size or ENCODERS["tiny"].preprocessing.size
+        self.image_size = image_size or SCENE_SIZE
 
     def __len__(self) -> int:
         return self.n
