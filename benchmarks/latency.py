@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import edgecap
 from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.console import choice_error
 from edgecap.runtime.engines import BACKENDS, make_engine
 from edgecap.runtime.errors import EdgecapError, ModelError
 from edgecap.runtime.manifest import Manifest
@@ -307,7 +308,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args(argv)
     if unknown := [n for n in args.variants if n not in VARIANTS]:
-        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        p.error(str(choice_error("variant", unknown[0], list(VARIANTS))))
     if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 \
             or min(args.warmup, args.min_seconds) < 0:
         p.error("--count, --repeats, --threads, --batch and --beams must be positive, --warmup and --min-seconds "
