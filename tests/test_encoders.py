@@ -86,6 +86,8 @@ def test_bad_model_settings_fail_before_data_is_read(tmp_path):
         TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="resnet5")
     with pytest.raises(ValueError, match="built for 224x224"):
         TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="efficientnet-lite0", image_size=160)
+    with pytest.raises(ValueError, match="unknown decoder 'attn' \\(did you mean 'attention'\\?\\)"):
+        TrainConfig.from_flat(data=str(tmp_path / "nowhere"), decoder="attn")
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
