@@ -29,6 +29,7 @@ import edgecap
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.console import choice_error
 from edgecap.runtime.engines import BACKENDS, make_engine
+from edgecap.runtime.engines.ort import EXPORT_FLAG
 from edgecap.runtime.errors import EdgecapError, ModelError
 from edgecap.runtime.manifest import Manifest
 from edgecap.runtime.search import SearchOptions
@@ -142,7 +143,7 @@ def skip_reason(name: str, manifest: Manifest) -> str | None:
 
         return None if device == "cpu" or torch.cuda.is_available() else "PyTorch here has no CUDA device"
     if precision not in manifest.graphs:
-        return f"model folder has no {precision} graphs (export with --{precision})"
+        return f"model folder has no {precision} graphs (export with {EXPORT_FLAG[precision]})"
     provider = b.devices[device][0]
     return None if provider in ort.get_available_providers() else f"ONNX Runtime here has no {provider}"
 

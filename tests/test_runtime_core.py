@@ -108,6 +108,11 @@ def test_manifest_fields_are_typed_and_unknown_search_keys_named(exported, tmp_p
     (folder / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ModelError, match="unknown key in the manifest's search 'beams' \\(did you mean 'num_beams'"):
         Manifest.load(folder)
+    del raw["search"]["beams"]
+    raw["graphs"]["fp32"]["decoder_step"]["outputs"][0]["shape"] = []  # a hand-edited manifest
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="is malformed: IndexError"):
+        Manifest.load(folder)
 
 
 def _declared_defaults(field: str, flag: str) -> list[str]:

@@ -93,6 +93,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert torch.equal(full[k], resumed[k]), k
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
+    assert train_main(["--resume", str(tmp_path / "cut" / "last.pt"), "--hidden-dim", "64"]) == 2  # one line
     records = [load_checkpoint(tmp_path / run / "last.pt") for run in ("full", "cut")]
     assert records[0]["model_config"] == records[1]["model_config"]  # resuming keeps the recorded settings
     assert {**records[0]["train_config"], "output": ""} == {**records[1]["train_config"], "output": ""}
@@ -146,6 +147,18 @@ def test_cli_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("caption-train: error:") for line in err)
     assert "adamw" in err[1] and "adam" in err[1]
+
+
+def test_resume_with_another_dev_score_starts_its_best_afresh(tmp_path, monkeypatch):
+    scripted = iter([{"cider": 0.9, "bleu4": 0.1, "exact": 0.0, "distinct": 5},
+                     {"cider": 0.3, "bleu4": 0.2, "exact": 0.0, "distinct": 5}])
+    monkeypatch.setattr("edgecap.train.trainer.dev_scores", lambda *a: next(scripted))
+    small = dict(data="synthetic", synthetic_train=16, synthetic_dev=4, batch_size=8, min_freq=1, embed_dim=8,
+                 hidden_dim=16, attention_dim=8, output=str(tmp_path / "run"))
+    train(TrainConfig.from_flat(**small, epochs=1))
+    train(TrainConfig.from_flat(**small, epochs=2, select="bleu4"), resume=tmp_path / "run" / "last.pt")
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
+    assert (state["select"], state["best_epoch"], state["best_score"]) == ("bleu4", 2, 0.2)  # not CIDEr's 0.9
 
 
 @pytest.mark.parametrize("select, best_epoch", [("cider", 1), ("bleu4", 2)])

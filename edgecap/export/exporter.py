@@ -14,10 +14,10 @@ import onnxruntime
 import torch
 
 import edgecap
+from edgecap.runtime.console import choice_error
 from edgecap.runtime.engine import Engine
 from edgecap.runtime.engines import make_engine
 from edgecap.runtime.errors import ModelError
-from edgecap.runtime.console import choice_error
 from edgecap.runtime.manifest import MANIFEST, ROLES, Manifest, ModelSource
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
@@ -87,7 +87,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     for role in opts.keep_fp32:
         if role not in ROLES:
             raise choice_error("graph for --keep-fp32", role, ROLES)
-    SearchOptions(num_beams=opts.beams, max_length=opts.max_length)  # bad search defaults fail before the work
+    search = SearchOptions(num_beams=opts.beams, max_length=opts.max_length)  # bad defaults fail before the work
     if opts.calib_count < 1 or opts.verify_count < 1:
         raise ValueError("--calib-count and --verify-count must be at least 1")
     if not MIN_OPSET <= opts.opset <= torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET:
@@ -98,7 +98,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, say)
+        manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, search, say)
         needs_images = opts.verify or opts.int8 or opts.fp16
         images = None if not needs_images else pre.batch(
             read_images(opts.verify_images, opts.verify_count) if opts.verify_images
@@ -132,7 +132,8 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     return out
 
 
-def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportOptions, say) -> Manifest:
+def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportOptions, search: SearchOptions,
+                 say) -> Manifest:
     inputs = example_inputs(model)
     meta = {"edgecap.decoder": model.cfg.decoder, "edgecap.vocab_size": str(model.cfg.vocab_size),
             "edgecap.version": edgecap.__version__}
@@ -148,7 +149,7 @@ def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportO
     return Manifest(
         decoder=model.cfg.decoder, vocab=ckpt["vocab"], preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
         context_names=list(model.decoder.context_names), graphs={"fp32": graphs}, opset=opts.opset,
-        search=SearchOptions(num_beams=opts.beams, max_length=opts.max_length),
+        search=search,
         source=ModelSource(ckpt_path.name, ckpt.get("data", ""), ckpt.get("metrics", {}), model.cfg.encoder,
                            ckpt.get("encoder_weights_sha256")),
         versions={"edgecap": edgecap.__version__, "torch": str(torch.__version__), "onnx": onnx.__version__,

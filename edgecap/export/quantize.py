@@ -11,7 +11,7 @@ import itertools
 import json
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +110,7 @@ def _read_cache(cache: Path, sha256: str, method: str) -> dict | None:
 def quantize_encoder_static(fp32: Path, out: Path, calibration: Iterable[np.ndarray], *, cache: Path,
                             input_name: str = "image", quant_format: str = "qdq", activation_type: str = "uint8",
                             weight_type: str = "int8", per_channel: bool = True,
-                            method: str = "minmax", exclude: Sequence[str] = ()) -> QuantReport:
+                            method: str = "minmax") -> QuantReport:
     """Static int8 encoder; defaults (QDQ, uint8 activations, per-channel int8 weights) are the fastest on x86.
 
     `calibration` yields preprocessed float32 batches [n,3,S,S]; it may be empty when `cache` holds ranges
@@ -140,8 +140,7 @@ def quantize_encoder_static(fp32: Path, out: Path, calibration: Iterable[np.ndar
             for name, (low, high) in content["ranges"].items()}), ort_cache)
         out.parent.mkdir(parents=True, exist_ok=True)
         quantize_static(pre, out, None, quant_format=fmt, per_channel=per_channel, activation_type=activations,
-                        weight_type=weights, calibrate_method=calibrate_method, calibration_cache_path=ort_cache,
-                        nodes_to_exclude=list(exclude))
+                        weight_type=weights, calibrate_method=calibrate_method, calibration_cache_path=ort_cache)
     granularity = "per-channel" if per_channel else "per-tensor"
     return _report(out, fp32, f"static {fmt.name} {_SHORT[activation_type]}{_SHORT[weight_type]} {granularity}, "
                               f"{calibrate_method.name}, {source.format(images=content['images'])}")

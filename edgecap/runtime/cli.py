@@ -90,7 +90,8 @@ def check_display() -> None:
 
 
 def load_captioner(args: argparse.Namespace) -> Captioner:
-    """The model folder (--model, $EDGECAP_MODEL, ./model) with the typed search flags over its defaults."""
+    """The model folder (--model, $EDGECAP_MODEL, ./model, else the bundled model) with the typed search flags
+    over its defaults."""
     folder = model_dir(args.model, say=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "

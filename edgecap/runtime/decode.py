@@ -28,16 +28,14 @@ def decode(engine: Engine, images: np.ndarray | None, options: SearchOptions, *,
     given, "encoder_ms" and "decoder_ms" (prepare + search) are added to it.
     """
     if (images is None) == (features is None):
-        raise ValueError("decode needs images or features, not both")
+        raise ValueError("decode needs exactly one of images or features")
     n = len(images) if images is not None else len(next(iter(features.values())))
     step = batch_size or max(n, 1)
     out: list[list[Hypothesis]] = []
     for lo in range(0, n, step):
         t0 = time.perf_counter()
-        if images is not None:
-            feats = engine.encode(images[lo: lo + step])
-        else:
-            feats = {k: v[lo: lo + step] for k, v in features.items()}
+        feats = engine.encode(images[lo: lo + step]) if images is not None else \
+            {k: v[lo: lo + step] for k, v in features.items()}
         t1 = time.perf_counter()
         state, context = engine.prepare(feats)
         out += search(engine, state, context, options)

@@ -138,11 +138,11 @@ class Manifest:
             m.preprocessing = Preprocessing.from_dict(m.preprocessing)
             m.search = SearchOptions.from_dict(m.search, "the manifest's search")
             m.source = _strict(ModelSource, m.source, "source")
+            m.validate(folder if check_files else None)
         except ValueError as e:
             raise ModelError(f"{path}: {e}") from None
         except (TypeError, AttributeError, KeyError, IndexError) as e:
             raise ModelError(f"{path} is malformed: {type(e).__name__}: {e}") from None
-        m.validate(folder if check_files else None)
         return m
 
     def validate(self, folder: Path | None) -> None:

@@ -50,6 +50,12 @@ class EncoderSpec:
     trained: bool = False                          # learned from scratch with the decoder (tiny)
     stages: int = 0                                # trailing body children --finetune-blocks may unfreeze
 
+    def check_size(self, name: str, image_size: int) -> None:
+        """A backbone with static padding runs at its own size only."""
+        if self.fixed_size and image_size != self.preprocessing.size:
+            raise ValueError(f"{name} is built for {self.preprocessing.size}x{self.preprocessing.size} images "
+                             f"(static padding), not {image_size}")
+
 
 def _resnet50() -> nn.Module:
     return torchvision.models.resnet50(weights=None)

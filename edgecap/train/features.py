@@ -1,4 +1,4 @@
-"""Frozen-encoder feature cache: every image of a split encoded once, kept on disk beside the run.
+"""Frozen-encoder feature cache: every image of a split encoded once, kept on disk (OUTPUT/cache or --cache-dir).
 
 Encoding runs through ONNX Runtime (the encoder exported to a temporary graph), which is several times faster
 than PyTorch eager on a CPU (EfficientNet-Lite0, 1 thread: ~9 ms against ~30 ms per image); the first batch is
@@ -90,13 +90,16 @@ def encode_split(encoder: Encoder, split: Split, pre: Preprocessing, device: tor
 
 
 def cached_features(encoder: Encoder, split: Split, pre: Preprocessing, device: torch.device, main: bool,
-                    cache_dir: Path, limit: int | None = None) -> Path:
+                    cache_dir: Path, source: str, limit: int | None = None) -> Path:
     """The path of a split's cached features, computing them first (on the main process) when missing.
 
-    The file name holds a digest of the split, the preprocessing and the encoder's weights, so a changed
-    encoder or data set never reuses stale features.
+    The file name holds a digest of the data (`source`: where it came from and its seed; the split's image
+    keys), the preprocessing and the encoder's weights, so runs may share a cache folder and a changed encoder
+    or data set never reuses stale features.
     """
-    digest = hashlib.sha1(json.dumps([split.name, len(split), limit, pre.to_dict()]).encode())
+    n = len(split) if limit is None else min(limit, len(split))
+    digest = hashlib.sha1(json.dumps([source, split.name, n, pre.to_dict(),
+                                      [split.key(i) for i in range(n)]]).encode())
     for name, t in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(t.cpu().numpy().tobytes())

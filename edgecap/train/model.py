@@ -70,9 +70,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.spec = encoder_spec(name)
         image_size = image_size or self.spec.preprocessing.size
-        if self.spec.fixed_size and image_size != self.spec.preprocessing.size:
-            raise ValueError(f"{name} is built for {self.spec.preprocessing.size}x{self.spec.preprocessing.size} "
-                             f"images (static padding), not {image_size}")
+        self.spec.check_size(name, image_size)
         self.name = name
         self.body = build_body(name, image_size)
         self.dim = self.spec.channels

@@ -33,6 +33,7 @@ from .features import cached_features
 from .model import CaptionModel, ModelConfig
 
 SELECT = {"cider": "dev_cider", "bleu4": "dev_bleu4"}  # --select -> the log record's key
+ARCHITECTURE = ("decoder", "encoder", "finetune_blocks", "embed_dim", "hidden_dim", "attention_dim")
 
 
 @dataclass
@@ -71,8 +72,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Fill in the data-dependent defaults; bad settings fail here, before any data is read."""
-        if isinstance(self.model, dict):  # a checkpoint's train_config
-            self.model = ModelConfig(**self.model)
         checks = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "step", "constant"),
                   "on_missing": ("error", "skip"), "select": tuple(SELECT)}
         for name, allowed in checks.items():
@@ -84,9 +83,7 @@ class TrainConfig:
                                          encoder_weights=self.model.encoder_weights or spec.default_weights)
         if self.image_size is None:
             self.image_size = spec.preprocessing.size
-        if spec.fixed_size and self.image_size != spec.preprocessing.size:
-            raise ValueError(f"{encoder} is built for {spec.preprocessing.size}x{spec.preprocessing.size} images "
-                             f"(static padding), not {self.image_size}")
+        spec.check_size(encoder, self.image_size)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.lr is None:
@@ -184,15 +181,18 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"])
         mcfg = checkpoint_model_config(ckpt)
+        pre = Preprocessing.from_dict(ckpt["preprocessing"])
         typed = cfg.model_config(len(vocab))
-        if (typed.decoder, typed.encoder) != (mcfg.decoder, mcfg.encoder):
-            raise ModelError(f"checkpoint holds a {mcfg.encoder}/{mcfg.decoder} model, "
-                             f"not {typed.encoder}/{typed.decoder}")
+        differ = [f"{f} {getattr(mcfg, f)}, not {getattr(typed, f)}" for f in ARCHITECTURE
+                  if getattr(mcfg, f) != getattr(typed, f)]
+        differ += [f"image size {pre.size}, not {cfg.image_size}"] if pre.size != cfg.image_size else []
+        if differ:
+            raise ModelError(f"the checkpoint's model has {'; '.join(differ)} (--resume keeps its model settings)")
     else:
         vocab = Vocabulary.build((c for i in range(len(train_split)) for c in train_split.captions(i)),
                                  cfg.min_freq)
         mcfg = cfg.model_config(len(vocab))
-    pre = cfg.preprocessing()
+        pre = cfg.preprocessing()
     model = CaptionModel(mcfg, pre.size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -201,12 +201,15 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         weights_sha256 = model.encoder.load_pretrained(cfg.model.encoder_weights)
     model.to(ctx.device)
     opt, sched = _make_optimizer(cfg, model.parameters())
-    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0}
+    state = {"epoch": 0, "best_score": -1.0, "best_epoch": -1, "since_best": 0, "select": cfg.select}
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = dict(ckpt["train_state"])
-        state.setdefault("best_score", state.pop("best_bleu4", -1.0))  # checkpoints from before --select
+        if "best_bleu4" in state:  # checkpoints from before --select chose by dev BLEU-4
+            state["best_score"], state["select"] = state.pop("best_bleu4"), "bleu4"
+        if state.get("select") != cfg.select:  # a best of another score cannot be compared with this one
+            state.update(best_score=-1.0, since_best=0, select=cfg.select)
     cached = model.encoder.frozen if cfg.cache_features is None else cfg.cache_features
     if cached and not model.encoder.frozen:
         raise ValueError("--cache-features needs a frozen encoder (finetune_blocks 0, not the tiny encoder)")
@@ -215,7 +218,9 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
               f"{'cached features' if cached else 'end to end'}, {ctx.world} process(es) on {ctx.device}", flush=True)
     train_feats = dev_feats = None
     if cached:
-        paths = [cached_features(model.encoder, split, pre, ctx.device, ctx.main, Path(cfg.cache_dir or out / "cache"), limit)
+        source = f"{cfg.data if cfg.data == 'synthetic' else Path(cfg.data).resolve()}, seed {cfg.seed}"
+        paths = [cached_features(model.encoder, split, pre, ctx.device, ctx.main, Path(cfg.cache_dir or out / "cache"),
+                                 source, limit)
                  for split, limit in ((train_split, None), (dev_split, cfg.dev_limit))]
         if ctx.world > 1:
             dist.barrier()
@@ -266,7 +271,7 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
             record.update({f"dev_{k}": v for k, v in dev_scores(hyps, dev_split, vocab).items()})
             score = record[SELECT[cfg.select]]
             improved = score > state["best_score"]
-            state = {"epoch": epoch + 1,
+            state = {"epoch": epoch + 1, "select": cfg.select,
                      "best_score": max(score, state["best_score"]),
                      "best_epoch": epoch + 1 if improved else state["best_epoch"],
                      "since_best": 0 if improved else state["since_best"] + 1}

@@ -41,7 +41,7 @@ class OrtEngine(Engine):
                  optimization: str = "all"):
         if precision not in manifest.graphs:
             raise ModelError(f"model folder {folder} has no {precision} graphs; it has {', '.join(manifest.graphs)} "
-                             f"(pass --precision {manifest.default_precision}, or export with {EXPORT_FLAG[precision]})")
+                             f"(pass --precision {manifest.default_precision}, or export with {EXPORT_FLAG.get(precision, f'--{precision}')})")
         wanted = providers[0]
         if wanted not in ort.get_available_providers():
             raise ModelError(f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "
