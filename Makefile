@@ -27,7 +27,7 @@ clean:
 DATA ?= ../shared/flickr8k
 RUNS := runs/flickr8k-lite0
 BUNDLED := edgecap/models/flickr8k-lite0
-TRAIN_REAL := $(BIN)/caption-train --data $(DATA) --on-missing skip --encoder efficientnet-lite0 --threads 1 \
+TRAIN_REAL := $(BIN)/caption-train --data $(DATA) --encoder efficientnet-lite0 --threads 1 \
 	--embed-dim 512 --hidden-dim 512 --attention-dim 512 --lr 4e-4 --batch-size 64 --epochs 6 --patience 2 \
 	--cache-dir $(RUNS)/cache
 

@@ -8,7 +8,9 @@ import cv2
 import pytest
 
 from edgecap.runtime.attend import main as attend_main
+from edgecap.runtime.vocab import Vocabulary
 from edgecap.train.eval_cli import main as eval_main
+from edgecap.train.eval_cli import unknown_word_share
 from edgecap.train.synthetic import SyntheticSplit
 
 
@@ -29,6 +31,13 @@ def test_caption_eval_scores_and_shuffle_check(trained, exported, tmp_path, sour
         assert r["scores"]["CIDEr-D"] > r["shuffled"]["CIDEr-D"] + 0.5
         assert r["stats"]["distinct_captions"] >= 10
     assert "| greedy |" in (tmp_path / "eval.md").read_text()
+    assert report["reference_words_unknown"] == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_unknown_reference_words_are_counted():
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "runs"])
+    refs = {"x": ["A dog runs.", "Ein Hund rennt"], "y": ["a hund"]}
+    assert unknown_word_share(refs, vocab) == pytest.approx(4 / 8)  # ein, hund, rennt, hund
 
 
 def test_caption_eval_matches_between_checkpoint_and_folder(trained, exported, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -117,6 +118,11 @@ def test_export_errors(trained, tmp_path, capsys):
 def test_export_default_folder_and_force(trained, tmp_path):
     ckpt = tmp_path / "best.pt"
     shutil.copy(trained("plain"), ckpt)
-    assert export_main([str(ckpt), "--verify-count", "4"]) == 0
+    mask = os.umask(0o022)
+    try:
+        assert export_main([str(ckpt), "--verify-count", "4"]) == 0
+    finally:
+        os.umask(mask)
     assert Manifest.load(tmp_path / "best-onnx").decoder == "plain"
+    assert (tmp_path / "best-onnx").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a team can read it
     assert export_main([str(ckpt), "--verify-count", "4", "--force", "--no-verify"]) == 0

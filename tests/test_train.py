@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
-from edgecap.runtime.errors import ModelError
+from edgecap.runtime.errors import DataError, ModelError
 from edgecap.runtime.search import SearchOptions
-from edgecap.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from edgecap.train.checkpoint import (
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from edgecap.train.cli import main as train_main
+from edgecap.train.data import open_splits
 from edgecap.train.engine import TorchEngine
 from edgecap.train.evaluate import caption_split
 from edgecap.train.metrics import bleu4
@@ -139,6 +147,33 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         save_checkpoint(path, {"model": Unpicklable()})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoints_honour_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "ckpt.pt", {"model": {"w": torch.ones(2)}})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt.pt").stat().st_mode & 0o777 == mode  # mkstemp alone would give 0600
+
+
+def test_missing_images_are_skipped_and_counted_by_default(tmp_path):
+    from edgecap.train.synthetic import SyntheticSplit
+    split = SyntheticSplit("train", 6)
+    lines = ["image,caption"]
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"s{i}.png"), split.image(i))
+        lines.append(f"s{i}.png,{split.captions(i)[0]}")
+    lines.append("gone.png,a picture that is not there")
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    cfg = TrainConfig.from_flat(data=str(tmp_path / "captions.csv"))
+    assert cfg.on_missing == "skip"
+    _, desc = open_splits(cfg.data, on_missing=cfg.on_missing, image_size=cfg.image_size)
+    assert re.search(r"\b1 missing image(s)? skipped", desc), desc
+    with pytest.raises(DataError, match="1 of 7 listed images are missing"):
+        open_splits(cfg.data, on_missing="error", image_size=cfg.image_size)
 
 
 def test_cli_errors(tmp_path, capsys):

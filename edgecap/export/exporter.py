@@ -22,7 +22,7 @@ from edgecap.runtime.manifest import MANIFEST, ROLES, Manifest, ModelSource
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.sources import read_images
-from edgecap.train.checkpoint import load_checkpoint
+from edgecap.train.checkpoint import honour_umask, load_checkpoint
 from edgecap.train.data import Split, open_splits
 from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4
@@ -97,6 +97,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     model, vocab, pre = ref.model, ref.vocabulary, ref.preprocess
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    honour_umask(tmp)
     try:
         manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, search, say)
         needs_images = opts.verify or opts.int8 or opts.fp16

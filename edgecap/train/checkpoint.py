@@ -40,10 +40,19 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        honour_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file or folder made private by mkstemp/mkdtemp the mode any new file would get (umask applied),
+    so a checkpoint or model folder written for a team can be read by it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

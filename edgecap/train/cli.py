@@ -15,7 +15,7 @@ from .trainer import TrainConfig, train
 HELP = {
     "data": "synthetic (built-in, no download) or a data set folder/file (Flickr8k, Flickr30k, COCO, CSV, JSONL)",
     "layout": "force a data layout instead of detecting it",
-    "on_missing": "listed images whose file is missing: error (default) or skip",
+    "on_missing": "listed images whose file is missing: skip them (counted in the data line) or error",
     "output": "run folder: best.pt, last.pt, log.jsonl",
     "decoder": "plain (Show and Tell) or attention (Show, Attend and Tell)",
     "encoder": "efficientnet-lite0 (default for real data), resnet50, or tiny (default for synthetic)",

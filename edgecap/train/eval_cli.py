@@ -19,6 +19,7 @@ from edgecap.runtime.console import choice_error, run_main
 from edgecap.runtime.engines import DEVICES, RUNTIME_ENGINES, check_choices, make_engine
 from edgecap.runtime.manifest import PRECISIONS, Manifest
 from edgecap.runtime.search import SearchOptions
+from edgecap.runtime.vocab import Vocabulary, tokenize
 
 from .data import open_splits
 from .engine import TorchEngine
@@ -27,6 +28,7 @@ from .metrics import corpus_stats, java_available, score_captions
 
 HEADLINE_METRICS = ("BLEU-4", "CIDEr-D")  # the shuffle check's and the baseline line's
 SPLITS = ("dev", "test")
+OOV_WARNING = 0.5  # warn when more of the references' words than this are unknown to the model
 
 
 def _engine(model: Path, engine: str, precision: str | None, device: str | None):
@@ -41,6 +43,13 @@ def _engine(model: Path, engine: str, precision: str | None, device: str | None)
             manifest.preprocessing, manifest.search, engine, precision)
 
 
+def unknown_word_share(refs: dict[str, list[str]], vocab: Vocabulary) -> float:
+    """The share of the references' words (tokens, with repeats) that the model's vocabulary lacks."""
+    words = [w for captions in refs.values() for c in captions for w in tokenize(c)]
+    known = set(vocab.words)
+    return sum(w not in known for w in words) / max(1, len(words))
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     engine, vocab, pre, defaults, engine_name, precision = _engine(Path(args.model), args.engine, args.precision,
                                                                    args.device)
@@ -51,8 +60,13 @@ def evaluate(args: argparse.Namespace) -> dict:
     tokenizer = "ptb" if java_available() and not args.no_java else "simple"
     metrics = ("BLEU", "METEOR", "ROUGE-L", "CIDEr-D") if tokenizer == "ptb" else ("BLEU", "ROUGE-L", "CIDEr-D")
     metrics += ("SPICE",) if args.spice else ()
+    unknown = unknown_word_share(refs, vocab)
+    if unknown > OOV_WARNING:
+        print(f"caption-eval: warning: {unknown:.0%} of the reference words are outside the model's vocabulary "
+              "(another data set or language?): expect scores near 0", file=sys.stderr)
     report = {"model": str(args.model), "engine": engine_name, "precision": precision, "data": desc,
-              "split": args.split, "images": n, "tokenizer": tokenizer, "results": {}, "captions": {}}
+              "split": args.split, "images": n, "tokenizer": tokenizer, "reference_words_unknown": unknown,
+              "results": {}, "captions": {}}
     rng = np.random.default_rng(0)
     keys = list(refs)
     shuffled_keys = [keys[j] for j in rng.permutation(len(keys))]

@@ -40,7 +40,7 @@ ARCHITECTURE = ("decoder", "encoder", "finetune_blocks", "embed_dim", "hidden_di
 class TrainConfig:
     data: str = "synthetic"
     layout: str | None = None
-    on_missing: str = "error"          # error | skip: listed images whose file is missing
+    on_missing: str = "skip"           # skip (counted in the data line) | error: listed images whose file is missing
     output: str = "runs/exp"
     model: ModelConfig = field(default_factory=ModelConfig)
     image_size: int | None = None      # input side for the preprocessing spec (default: the encoder's)
