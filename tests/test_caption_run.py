@@ -182,6 +182,14 @@ def test_errors_are_one_line(exported, scenes, tmp_path, capfd, case, expected):
         assert "export-onnx CKPT -o" in err
 
 
+def test_readable_sources_are_captioned_beside_a_missing_one(exported, scenes, tmp_path, capsys):
+    code, out, err = run(capsys, "--model", exported["plain"], scenes / "scene1.png", tmp_path / "gone.png",
+                         scenes / "scene2.png")
+    assert code == 1 and [line.split("\t")[0] for line in out.splitlines()] == \
+        [str(scenes / "scene1.png"), str(scenes / "scene2.png")]
+    assert f"warning: no such file or folder: {tmp_path / 'gone.png'}" in err and "failed 1" in err
+
+
 def test_show_needs_gui_and_display(exported, scenes, capsys, monkeypatch):
     monkeypatch.setattr(cv2, "getBuildInformation", lambda: "  GUI:                           NONE\n")
     err = one_line_error(*run(capsys, "--model", exported["plain"], "--show", scenes)[::2])

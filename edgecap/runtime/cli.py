@@ -22,7 +22,7 @@ import cv2
 from .captioner import Caption, Captioner, model_dir
 from .console import run_main
 from .engines import BACKENDS, DEVICES, RUNTIME_ENGINES, check_choices
-from .errors import EdgecapError, ModelError
+from .errors import DataError, EdgecapError, ModelError
 from .manifest import PRECISIONS
 from .render import attention_figure, draw_caption, save_rgb
 from .sources import Frame, Source, open_source
@@ -163,15 +163,32 @@ def readable(frames: list[Frame], stats: TimingStats) -> list[Frame]:
     return [f for f in frames if f.rgb is not None]
 
 
+def open_sources(args: argparse.Namespace, stack: ExitStack, stats: TimingStats) -> list[Source]:
+    """Every source that opens; each one that does not is warned about and counted as a failure. When none
+    opens, the first one's error ends the command."""
+    sources, errors = [], []
+    for uri in args.sources:
+        try:
+            sources.append(stack.enter_context(open_source(uri, args.every, args.max_fps)))
+        except DataError as e:
+            errors.append(e)
+    if not sources:
+        raise errors[0]
+    for e in errors:
+        print(f"{PROG}: warning: {e}", file=sys.stderr)
+        stats.failures += 1
+    return sources
+
+
 def caption_run(args: argparse.Namespace) -> int:
     """The command's body: 0 when every input was captioned, 1 when some could not be read."""
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our one-line errors say it instead
     check_options(args)
     captioner = load_captioner(args)
     with ExitStack() as stack:
-        sources = [stack.enter_context(open_source(uri, args.every, args.max_fps)) for uri in args.sources]
-        output = Output(args)
         stats = TimingStats()
+        sources = open_sources(args, stack, stats)
+        output = Output(args)
         try:
             for chunk in batches(sources, args.batch):
                 start = time.perf_counter()
