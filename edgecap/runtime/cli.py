@@ -35,10 +35,9 @@ STAGES = ("preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms")
 QUIT_KEYS = (ord("q"), 27)  # q, ESC
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
+def add_model_arguments(p: argparse.ArgumentParser, threads: int | None = None) -> None:
+    """The flags that choose a model, its engine and search: shared by caption-run, caption-serve, caption-batch.
+    `threads`: the default of --threads (None: all cores)."""
     p.add_argument("--model", metavar="DIR", help="model folder made by export-onnx (default: $EDGECAP_MODEL, "
                                                   "then ./model, then the bundled Flickr8k model)")
     p.add_argument("--engine", default="ort", metavar="{" + ",".join(RUNTIME_ENGINES) + "}",
@@ -53,7 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", metavar="X", type=float,
                    help="score = log p / length ** X (default: the model's)")
     p.add_argument("--n-best", metavar="N", type=int, help="also give the N best captions (N <= --beams)")
-    p.add_argument("--threads", metavar="N", type=int, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", metavar="N", type=int, default=threads,
+                   help=f"ONNX Runtime threads (default: {threads or 'all cores'})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
+    add_model_arguments(p)
     p.add_argument("--batch", metavar="N", type=int, default=8, help="images per batch for file sources (default: 8)")
     p.add_argument("--every", metavar="N", type=int, default=1, help="caption every N-th frame of a video (default: 1)")
     p.add_argument("--max-fps", metavar="F", type=float, help="caption at most F frames per second")
@@ -65,11 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Refuse bad option values before the (slow) model load."""
+def captioner_kwargs(args: argparse.Namespace, prog: str) -> dict:
+    """`Captioner.load` keyword arguments from the model flags, checked before the (slow) model load: the model
+    folder (--model, $EDGECAP_MODEL, ./model, else the bundled model, announced on stderr) and the typed search
+    flags over its defaults."""
     check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
     if args.threads is not None and args.threads < 1:
         raise EdgecapError(f"--threads must be at least 1, got {args.threads}")
+    folder = model_dir(args.model, say=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+    if not folder.is_dir():
+        raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
+                         "then pass --model or set $EDGECAP_MODEL)")
+    search = {field: v for flag, field in SEARCH_FLAGS.items() if (v := getattr(args, flag)) is not None}
+    return {"folder": folder, "engine": args.engine, "precision": args.precision, "device": args.device,
+            "threads": args.threads, **search}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad option values before the (slow) model load."""
     if args.batch < 1:
         raise EdgecapError(f"--batch must be at least 1, got {args.batch}")
     if args.attention and args.save is None:
@@ -90,16 +110,11 @@ def check_display() -> None:
 
 
 def load_captioner(args: argparse.Namespace) -> Captioner:
-    """The model folder (--model, $EDGECAP_MODEL, ./model, else the bundled model) with the typed search flags
-    over its defaults."""
-    folder = model_dir(args.model, say=lambda line: print(f"{PROG}: {line}", file=sys.stderr))
-    if not folder.is_dir():
-        raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
-                         "then pass --model or set $EDGECAP_MODEL)")
-    search = {field: v for flag, field in SEARCH_FLAGS.items() if (v := getattr(args, flag)) is not None}
-    captioner = Captioner.load(folder, args.engine, args.precision, args.device, args.threads, **search)
+    """The captioner the model flags choose (see `captioner_kwargs`)."""
+    kwargs = captioner_kwargs(args, PROG)
+    captioner = Captioner.load(**kwargs)
     if args.attention and captioner.manifest.decoder != "attention":
-        raise EdgecapError(f"--attention needs an attention model; {folder} has a "
+        raise EdgecapError(f"--attention needs an attention model; {kwargs['folder']} has a "
                            f"{captioner.manifest.decoder} decoder")
     return captioner
 

@@ -1,0 +1,131 @@
+"""`caption-batch SOURCE... --output OUT.jsonl`: caption large image collections with a Ray Data pipeline.
+
+  caption-batch photos/ more/*.jpg list.txt --output captions.jsonl [--actors N] [--batch-size B]
+
+Paths -> `map_batches` over a pool of Captioner actors (read, decode, caption) -> rows written by this process as
+they arrive: JSONL `{path, caption, score}` or, with --format parquet, a folder of Parquet parts. A rerun skips
+paths already in the output (so a killed run resumes); an unreadable image gives a row with an `error`; an actor
+that dies is replaced and its batch retried, so every input appears exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from edgecap.runtime.cli import add_model_arguments, captioner_kwargs
+from edgecap.runtime.console import run_main
+from edgecap.runtime.errors import EdgecapError
+
+from .cluster import connect, require
+from .collection import image_paths
+from .outputs import open_output
+
+PROG = "caption-batch"
+FORMATS = ("jsonl", "parquet")
+FAIL_ONCE = "EDGECAP_BATCH_FAIL_ONCE"  # test hook: a marker path; the first actor batch that creates it dies
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="image file, folder (searched recursively), glob, list file (.txt: one path per line), "
+                        "or a URI Ray Data / pyarrow can read (s3://, gs://, file://)")
+    add_model_arguments(p, threads=1)
+    p.add_argument("--output", "-o", required=True, type=Path, metavar="OUT",
+                   help="JSONL file (or Parquet folder with --format parquet); rows already there are kept")
+    p.add_argument("--format", default="jsonl", choices=FORMATS, help="output format (default: jsonl)")
+    p.add_argument("--actors", metavar="N", type=int,
+                   help="Captioner actors, each with --threads threads (default: the cluster's CPUs / --threads)")
+    p.add_argument("--batch-size", metavar="B", type=int, default=16, help="images per actor call (default: 16)")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster to join: auto or HOST:PORT (default: a local one)")
+    return p
+
+
+class CaptionActor:
+    """A Ray Data actor: a pandas batch of paths -> the same paths with caption and score, or error."""
+
+    def __init__(self, captioner: dict, fail_once: str | None = None) -> None:
+        from edgecap.runtime.captioner import Captioner
+
+        self.captioner = Captioner.load(**captioner)
+        self.fail_once = fail_once
+
+    def __call__(self, batch):
+        from edgecap.runtime.errors import DataError
+
+        from .collection import read_image
+
+        if self.fail_once and not os.path.exists(self.fail_once):
+            Path(self.fail_once).touch()
+            os._exit(1)  # the test hook: this actor dies in the middle of its batch
+        images, errors = {}, {}
+        for path in batch["path"]:
+            try:
+                images[path] = read_image(path)
+            except DataError as e:
+                errors[path] = str(e)
+        captions = dict(zip(images, self.captioner.caption_batch(list(images.values())))) if images else {}
+        batch["caption"] = [c.text if (c := captions.get(p)) else None for p in batch["path"]]
+        batch["score"] = [c.score if (c := captions.get(p)) else None for p in batch["path"]]
+        batch["error"] = [errors.get(p) for p in batch["path"]]
+        return batch
+
+
+def check_options(args: argparse.Namespace) -> None:
+    for flag in ("actors", "batch_size"):
+        if (value := getattr(args, flag)) is not None and value < 1:
+            raise EdgecapError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def caption_batch(args: argparse.Namespace) -> int:
+    """The command's body: 0 when every image was captioned, 1 when some rows are errors."""
+    check_options(args)
+    captioner = captioner_kwargs(args, PROG)
+    paths = image_paths(args.sources, warn=lambda line: print(f"{PROG}: warning: {line}", file=sys.stderr))
+    with open_output(args.output, args.format) as output:
+        todo = [p for p in paths if p not in output.done]
+        if len(todo) < len(paths):
+            print(f"{PROG}: {len(paths) - len(todo)} of {len(paths)} images already in {args.output}; "
+                  "captioning the rest", file=sys.stderr)
+        if todo:
+            run_pipeline(args, captioner, todo, output)
+        errors = output.errors
+    return 1 if errors else 0
+
+
+def run_pipeline(args: argparse.Namespace, captioner: dict, todo: list[str], output) -> None:
+    """Paths -> actor pool -> output rows, with a progress bar and a closing count."""
+    tqdm = require("tqdm", PROG).tqdm
+    data = require("ray.data", PROG)
+    connect(args.address, PROG)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # no execution plans and progress notices
+    data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
+    ray = require("ray", PROG)
+    actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // args.threads))
+    actors = min(actors, math.ceil(len(todo) / args.batch_size))  # no actor loads a model it has no batch for
+    dataset = data.from_items([{"path": p} for p in todo]).map_batches(
+        CaptionActor, fn_constructor_kwargs={"captioner": captioner, "fail_once": os.environ.get(FAIL_ONCE)},
+        batch_size=args.batch_size, batch_format="pandas", compute=data.ActorPoolStrategy(size=actors),
+        num_cpus=args.threads)  # Ray Data restarts a dead actor and retries its batch
+    start = time.perf_counter()
+    with tqdm(total=len(todo), unit="img", desc=PROG, file=sys.stderr) as bar:
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+            bar.update(output.write(batch.to_dict("records")))
+    seconds = time.perf_counter() - start
+    print(f"{PROG}: {output.written} rows written to {args.output} ({output.errors} unreadable) with {actors} "
+          f"actor(s) in {seconds:.1f} s, {output.written / seconds:.1f} images/s", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: caption_batch(args), PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

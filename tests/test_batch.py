@@ -1,0 +1,105 @@
+"""caption-batch on a local Ray (2 CPUs): one row per image with caption-run's captions, a killed actor's batch
+retried without duplicates, reruns that add nothing, error rows for unreadable images, Parquet output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import pytest
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+
+from edgecap.runtime import cli as caption_run
+from edgecap.scale import batch as caption_batch
+from edgecap.train.synthetic import SyntheticSplit
+
+N = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """N synthetic scenes as JPEG files."""
+    folder = tmp_path_factory.mktemp("photos")
+    split = SyntheticSplit("test", N, image_size=112)
+    for i in range(N):
+        cv2.imwrite(str(folder / f"scene{i:03d}.jpg"), cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_image_once_with_caption_runs_captions_after_an_actor_dies(folder, tmp_path, monkeypatch, capsys):
+    out, marker = tmp_path / "captions.jsonl", tmp_path / "actor-died"
+    monkeypatch.setenv(caption_batch.FAIL_ONCE, str(marker))
+    assert caption_batch.main([str(folder), "-o", str(out), "--actors", "2", "--batch-size", "16"]) == 0
+    assert marker.exists()  # one actor did die in the middle of a batch
+    got = rows(out)
+    assert len(got) == N and len({r["path"] for r in got}) == N
+    assert {r["path"] for r in got} == {str(p) for p in folder.iterdir()}
+
+    capsys.readouterr()
+    assert caption_run.main([str(folder), "--json", "--quiet", "--threads", "1"]) == 0
+    expected = {(r := json.loads(line))["source"]: r["caption"] for line in capsys.readouterr().out.splitlines()}
+    assert {r["path"]: r["caption"] for r in got} == expected
+
+    monkeypatch.delenv(caption_batch.FAIL_ONCE)
+    assert caption_batch.main([str(folder), "-o", str(out)]) == 0
+    assert f"{N} of {N} images already in" in capsys.readouterr().err
+    assert len(rows(out)) == N
+
+
+def test_unreadable_images_are_error_rows_and_a_cut_line_is_redone(folder, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# three good, one broken, one missing\n{folder}/scene000.jpg\n{folder}/scene001.jpg\n"
+                      f"{folder}/scene002.jpg\nbroken.jpg\nmissing.jpg\n")
+    out = tmp_path / "out.jsonl"
+    assert caption_batch.main([str(listed), "-o", str(out), "--actors", "1"]) == 1
+    errors = {Path(r["path"]).name: r["error"] for r in rows(out) if "error" in r}
+    assert errors == {"broken.jpg": f"not a readable image: {tmp_path}/broken.jpg",
+                      "missing.jpg": f"image not found: {tmp_path}/missing.jpg"}
+    assert len(rows(out)) == 5
+
+    out.write_text(out.read_text()[:-9])  # a kill in the middle of the last line
+    capsys.readouterr()
+    caption_batch.main([str(listed), "-o", str(out), "--actors", "1"])
+    assert "dropping an unfinished last line" in capsys.readouterr().err
+    expected = {f"{folder}/scene00{i}.jpg" for i in range(3)} | {f"{tmp_path}/{n}" for n in errors}
+    assert sorted(r["path"] for r in rows(out)) == sorted(expected)
+
+
+def test_parquet_parts_resume(folder, tmp_path):
+    out = tmp_path / "captions.parquet"
+    sources = [f"{folder}/scene01*.jpg"]
+    assert caption_batch.main([*sources, "-o", str(out), "--format", "parquet"]) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 10 and set(table.column_names) == {"path", "caption", "score", "error"}
+    assert caption_batch.main([*sources, f"file://{folder}/scene020.jpg", "-o", str(out), "--format", "parquet"]) == 0
+    assert max(pq.read_table(out).column("path").to_pylist()) == f"file://{folder}/scene020.jpg"
+    assert pq.read_table(out).num_rows == 11
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--engine", "ortt"], "unknown engine 'ortt' (did you mean 'ort'?)"),
+])
+def test_bad_flags_and_sources_are_one_line_errors(folder, tmp_path, capsys, argv, message):
+    assert caption_batch.main([str(folder), "-o", str(tmp_path / "o.jsonl"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_images_is_a_one_line_error(tmp_path, capsys):
+    assert caption_batch.main([str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"no such file or folder: {tmp_path}/nowhere")

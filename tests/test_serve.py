@@ -1,0 +1,128 @@
+"""caption-serve on a local Ray (2 CPUs, loopback): parity with the API under concurrent load, dynamic batching,
+every error status, and overload answered with 503 + Retry-After while the service stays healthy."""
+
+from __future__ import annotations
+
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+requests = pytest.importorskip("requests")
+
+from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.preprocess import decode_image
+from edgecap.scale import serve as caption_serve
+from edgecap.train.synthetic import SyntheticSplit
+
+IMAGES, REQUESTS, CLIENTS = 12, 100, 8
+TIMEOUT = 60  # seconds per HTTP request: no test waits forever
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service():
+    """One local Ray and one caption-serve (bundled model, batches up to 8, 200 kB limit) for the module."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    args = caption_serve.build_parser().parse_args(
+        ["--port", str(free_port()), "--threads", "1", "--max-bytes", "200000", "--batch-wait-ms", "20"])
+    url = caption_serve.start(args)
+    yield url, args
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def jpegs() -> list[bytes]:
+    split = SyntheticSplit("test", IMAGES, image_size=112)
+    return [cv2.imencode(".jpg", cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))[1].tobytes()
+            for i in range(IMAGES)]
+
+
+def post(url: str, data: bytes, kind: str = "image/jpeg", session=requests, **params):
+    return session.post(f"{url}/v1/caption", data=data, headers={"Content-Type": kind}, params=params,
+                        timeout=TIMEOUT)
+
+
+def test_concurrent_requests_match_the_api_and_are_batched(service, jpegs):
+    url, _ = service
+    expected = [Captioner.load(threads=1).caption(decode_image(j)).text for j in jpegs]
+
+    def client(k: int) -> list[tuple[int, int, dict]]:
+        with requests.Session() as session:
+            return [(i % IMAGES, (r := post(url, jpegs[i % IMAGES], session=session)).status_code, r.json())
+                    for i in range(k, REQUESTS, CLIENTS)]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        answers = [a for part in pool.map(client, range(CLIENTS)) for a in part]
+    assert len(answers) == REQUESTS
+    assert all(status == 200 for _, status, _ in answers), {s for _, s, _ in answers}
+    assert [body["captions"][0]["caption"] for _, _, body in answers] == [expected[i] for i, _, _ in answers]
+    assert max(body["captions"][0]["batch"] for _, _, body in answers) > 1  # requests shared decoder calls
+    timings = answers[0][2]["captions"][0]["timings"]
+    assert {"encoder_ms", "decoder_ms", "total_ms"} <= set(timings)
+
+
+def test_multipart_query_parameters_and_model_summary(service, jpegs):
+    url, _ = service
+    files = [("files", (f"scene{i}.jpg", jpegs[i], "image/jpeg")) for i in range(3)]
+    r = requests.post(f"{url}/v1/caption", files=files, params={"beams": 1, "max_length": 12}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    captioner = Captioner.load(threads=1, num_beams=1, max_length=12)
+    assert body["search"] == "greedy"
+    assert [c["caption"] for c in body["captions"]] == [captioner.caption(decode_image(j)).text for j in jpegs[:3]]
+    model = requests.get(f"{url}/v1/model", timeout=TIMEOUT).json()
+    assert model["model"] == "flickr8k-lite0" and model["decoder"] == "attention" and model["max_batch_size"] == 8
+    assert requests.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("case, status, message", [
+    ("corrupt", 400, "not a readable image"),
+    ("too large", 413, "200000-byte limit"),
+    ("text", 415, "Content-Type: image/*"),
+    ("beams=0", 422, "beams must be between 1 and 16"),
+    ("beams=abc", 422, "beams"),
+    ("empty form", 400, "no image files"),
+])
+def test_errors_answer_one_line_and_the_replica_keeps_serving(service, jpegs, case, status, message):
+    url, _ = service
+    r = {"corrupt": lambda: post(url, b"\xff\xd8 not really a jpeg"),
+         "too large": lambda: post(url, np.random.default_rng(0).bytes(300_000)),
+         "text": lambda: post(url, b"hello", "text/plain"),
+         "beams=0": lambda: post(url, jpegs[0], beams=0),
+         "beams=abc": lambda: post(url, jpegs[0], beams="abc"),
+         "empty form": lambda: requests.post(f"{url}/v1/caption", files={"note": (None, "no file")},
+                                             timeout=TIMEOUT)}[case]()
+    assert r.status_code == status and message in r.json()["error"], r.text
+    assert "\n" not in r.json()["error"]
+    assert post(url, jpegs[1]).status_code == 200
+
+
+def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jpegs):
+    """A second application that queues at most one request: 24 at once overflow it."""
+    url, args = service
+    args = caption_serve.build_parser().parse_args(["--threads", "1", "--max-batch-size", "1", "--max-queued", "1"])
+    app = caption_serve.application(args, caption_serve.captioner_kwargs(args, "test"))
+    serve.run(app, name="overload", route_prefix="/overload")
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: post(f"{url}/overload", jpegs[2]), range(24)))
+    statuses = [r.status_code for r in answers]
+    assert set(statuses) == {200, 503}, statuses
+    assert all(r.headers.get("Retry-After") == "1" for r in answers if r.status_code == 503)
+    assert post(f"{url}/overload", jpegs[2]).status_code == 200
+    serve.delete("overload")
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    assert caption_serve.main(["--replicas", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--replicas must be at least 1, got 0")
