@@ -81,7 +81,7 @@ def test_bytes_and_file_objects_are_decoded(exported):
     assert cap.caption(png).text == cap.caption(io.BytesIO(png)).text == cap.caption(rgb).text
     with pytest.raises(DataError, match="not a readable image"):
         cap.caption(b"not an image")
-    for bad in (rgb.astype(np.uint16), rgb.astype(bool), None, np.zeros((0, 0, 3), np.uint8)):
+    for bad in (rgb.astype(bool), None, np.zeros((0, 0, 3), np.uint8)):
         with pytest.raises(DataError):
             cap.caption(bad)
     with pytest.raises(DataError, match="empty list"):

@@ -22,7 +22,12 @@ from edgecap.runtime.manifest import MANIFEST, ROLES, Manifest, ModelSource
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.sources import read_images
-from edgecap.train.checkpoint import honour_umask, load_checkpoint
+from edgecap.train.checkpoint import (
+    honour_umask,
+    load_checkpoint,
+    remove_stale_temps,
+    temp_prefix,
+)
 from edgecap.train.data import Split, open_splits
 from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4
@@ -95,9 +100,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
                          f"(supported: {MIN_OPSET}-{torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET})")
     ref = TorchEngine.from_checkpoint(ckpt)
     model, vocab, pre = ref.model, ref.vocabulary, ref.preprocess
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    honour_umask(tmp)
+    tmp = _work_folder(out, say)
     try:
         manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, search, say)
         needs_images = opts.verify or opts.int8 or opts.fp16
@@ -131,6 +134,19 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
         raise
     say(f"model folder: {out}")
     return out
+
+
+def _work_folder(out: Path, say) -> Path:
+    """The hidden folder beside `out` that the model is built in (those of killed exports are removed first)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out, say)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    except OSError as e:
+        raise ModelError(f"cannot write the model folder {out} ({e.strerror or e}); "
+                         "pass --output with a writable place") from None
+    honour_umask(tmp)
+    return tmp
 
 
 def _export_fp32(model, ckpt: dict, ckpt_path: Path, folder: Path, opts: ExportOptions, search: SearchOptions,

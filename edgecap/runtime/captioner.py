@@ -21,6 +21,7 @@ from .manifest import Manifest
 from .preprocess import decode_image, read_rgb
 from .search import Hypothesis, SearchOptions
 
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "flickr8k-lite0"
 
 
@@ -57,16 +58,41 @@ class Caption:
 
 
 def as_rgb(x: object) -> np.ndarray:
-    """What `caption` accepts, as RGB uint8 HxWx3: a path, encoded bytes or a binary file, or an RGB array."""
+    """What `caption` accepts, as RGB uint8 HxWx3: a path, encoded bytes or a binary file, or an array.
+
+    An array is RGB HxWx3, grey HxW or HxWx1, or RGBA HxWx4 (alpha dropped). uint8 values are used as they are,
+    uint16 ones scaled to 8 bits (the high byte); float arrays whose values all lie within [0, 1] are scaled by
+    255, those within [0, 255] rounded as they are, and any others (or NaN, infinity) are refused. Other dtypes
+    (bool, int32, ...) are refused too: every refusal is a DataError.
+    """
     if isinstance(x, (str, Path)):
         return read_rgb(x)
     if isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
         return decode_image(x)
     if not isinstance(x, np.ndarray):
         raise DataError(f"expected an image path, encoded bytes or an RGB array, got {type(x).__name__}")
-    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3 or 0 in x.shape:
-        raise DataError(f"expected an RGB uint8 HxWx3 array, got {x.dtype} of shape {x.shape}")
-    return x
+    if 0 in x.shape or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in CHANNELS):
+        raise DataError(f"expected an RGB HxWx3 array (or grey HxW, HxWx1, RGBA HxWx4), got shape {x.shape}")
+    x = _as_uint8(x)
+    if x.ndim == 2 or x.shape[2] == 1:
+        return np.repeat(x.reshape(*x.shape[:2], 1), 3, axis=2)
+    return np.ascontiguousarray(x[:, :, :3])
+
+
+def _as_uint8(x: np.ndarray) -> np.ndarray:
+    """Image values as uint8 by the rule in `as_rgb`."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == np.uint16:
+        return (x >> 8).astype(np.uint8)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DataError(f"image arrays must be uint8, uint16 or float, got {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError("the image array holds NaN or infinite values")
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 255:
+        raise DataError(f"float image values must lie within [0, 1] or [0, 255], got {low:g} to {high:g}")
+    return np.rint(x.astype(np.float32) * (255 if high <= 1 else 1)).astype(np.uint8)
 
 
 class Captioner:

@@ -103,7 +103,11 @@ class ImageFiles(Source):
 
 
 class VideoFile(Source):
-    """Every `every`-th frame of a video file, at most `max_fps` per second; the end of the file ends it."""
+    """Every `every`-th frame of a video file, at most `max_fps` per second; the end of the file ends it.
+
+    A file that ends more than one frame before the count its container announces (truncated) ends with an
+    error Frame saying so (the count of some containers is an estimate from duration and frame rate).
+    """
 
     kind = "video"
 
@@ -118,7 +122,7 @@ class VideoFile(Source):
         throttle, index = Throttle(self.max_fps), 0
         for number in itertools.count():
             if not self.cap.grab():
-                return
+                break
             if number % self.every:
                 continue  # grab() without retrieve() skips the decode
             ok, bgr = self.cap.retrieve()
@@ -129,6 +133,10 @@ class VideoFile(Source):
             else:
                 yield Frame(name, index, None, f"frame {number} of {self.path} could not be decoded")
             index += 1
+        announced = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if number < announced - 1:
+            yield Frame(f"{self.path}#{number}", index, None,
+                        f"{self.path} ended after {number} of the {announced} frames it announces (truncated?)")
 
     def close(self) -> None:
         self.cap.release()

@@ -154,17 +154,25 @@ def _load_json(path: Path, *lists: str) -> dict:
 
 
 def _csv_records(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows of a CSV file with a header naming at least `required` (lowercased), with line numbers."""
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
-    fields = [f.strip().lower() for f in reader.fieldnames or []]
-    if not set(required) <= set(fields):
-        raise DataError(f"{path.name}:1: header {fields} needs the columns {', '.join(required)}")
-    reader.fieldnames = fields
+    """Rows of a CSV file with a header naming at least `required` (lowercased), with line numbers.
+
+    No row may span lines: an unterminated quote would otherwise swallow the rows after it into one caption.
+    """
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     try:
-        for row in reader:
-            if None in row or None in row.values():
-                raise DataError(f"{path.name}:{reader.line_num}: expected the {len(fields)} fields {fields}")
-            yield reader.line_num, row
+        fields = [f.strip().lower() for f in next(reader, [])]
+        if not set(required) <= set(fields):
+            raise DataError(f"{path.name}:1: header {fields} needs the columns {', '.join(required)}")
+        end = reader.line_num
+        for values in reader:
+            start, end = end + 1, reader.line_num
+            if end > start:
+                raise DataError(f"{path.name}:{start}: a quoted field runs on to line {end} (an unterminated quote?)")
+            if not values:  # a blank line
+                continue
+            if len(values) != len(fields):
+                raise DataError(f"{path.name}:{end}: expected the {len(fields)} fields {fields}")
+            yield end, dict(zip(fields, values))
     except csv.Error as e:
         raise DataError(f"{path.name}:{reader.line_num}: {e}") from e
 

@@ -24,7 +24,12 @@ from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
-from .checkpoint import checkpoint_model_config, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    atomic_write,
+    checkpoint_model_config,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import CaptionPairs, Head, collate, open_splits
 from .encoders import encoder_spec
 from .engine import TorchEngine
@@ -33,6 +38,7 @@ from .features import cached_features
 from .model import CaptionModel, ModelConfig
 
 SELECT = {"cider": "dev_cider", "bleu4": "dev_bleu4"}  # --select -> the log record's key
+LOG = "log.jsonl"  # one JSON record per finished epoch, in the run folder
 ARCHITECTURE = ("decoder", "encoder", "finetune_blocks", "embed_dim", "hidden_dim", "attention_dim")
 
 
@@ -160,6 +166,35 @@ def _loss(logits: torch.Tensor, alphas: torch.Tensor | None, targets: torch.Tens
     return ce + att_reg * reg, ce
 
 
+def _append_log(out: Path, record: dict[str, Any]) -> None:
+    with open(out / LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _log_epoch(line: str) -> int | None:
+    """The epoch of a log line; None for a line cut short by a kill."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, TypeError, KeyError):
+        return None
+
+
+def _redo_epoch_writes(out: Path, ckpt: dict[str, Any]) -> None:
+    """Each epoch writes last.pt, then best.pt (when it improved), then its log record; a kill between them
+    leaves a checkpoint that is ahead of best.pt and the log. Write both again from the checkpoint resumed from,
+    so a kill at any moment loses at most the unfinished epoch (log records after its epoch, from a run resumed
+    from an earlier checkpoint, are dropped)."""
+    state = ckpt["train_state"]
+    if state["best_epoch"] == state["epoch"]:
+        save_checkpoint(out / "best.pt", ckpt)
+    log = out / LOG
+    old = log.read_text() if log.is_file() else ""
+    kept = [line for line in old.splitlines() if (epoch := _log_epoch(line)) is not None and epoch < state["epoch"]]
+    text = "".join(f"{line}\n" for line in [*kept, json.dumps(ckpt["metrics"])])
+    if text != old:
+        atomic_write(log, lambda f: f.write(text.encode()))
+
+
 def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train per `cfg`, resuming from a checkpoint (its path, or the loaded dict) when given; -> the last epoch's
@@ -210,6 +245,8 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
             state["best_score"], state["select"] = state.pop("best_bleu4"), "bleu4"
         if state.get("select") != cfg.select:  # a best of another score cannot be compared with this one
             state.update(best_score=-1.0, since_best=0, select=cfg.select)
+    if ckpt is not None and ctx.main:
+        _redo_epoch_writes(out, ckpt)
     cached = model.encoder.frozen if cfg.cache_features is None else cfg.cache_features
     if cached and not model.encoder.frozen:
         raise ValueError("--cache-features needs a frozen encoder (finetune_blocks 0, not the tiny encoder)")
@@ -279,11 +316,10 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
                        "preprocessing": pre.to_dict(), "model": model.state_dict(),
                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "train_state": state,
                        "metrics": record, "data": desc, "encoder_weights_sha256": weights_sha256}
-            save_checkpoint(out / "last.pt", payload)
+            save_checkpoint(out / "last.pt", payload)  # first: what a resume starts from (see _redo_epoch_writes)
             if improved:
                 save_checkpoint(out / "best.pt", payload)
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            _append_log(out, record)
             print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, dev CIDEr-D {record['dev_cider']:.3f}, "
                   f"BLEU-4 {record['dev_bleu4']:.3f}, exact {record['dev_exact']:.2f}, "
                   f"{record['dev_distinct']} distinct, {record['seconds']:.0f} s"

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..console import choice_error
 from ..engine import STATE_NAMES, Arrays, Engine, StepOutput
 from ..errors import ModelError
-from ..manifest import Manifest
+from ..manifest import GraphSpec, Manifest, TensorSpec
 
 log = logging.getLogger(__name__)
 EXPORT_FLAG = {"fp32": "export-onnx without --drop-fp32", "fp16": "export-onnx --fp16", "int8": "export-onnx --int8"}
@@ -21,6 +22,23 @@ OPTIMIZATION = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                 "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def _check_io(session: ort.InferenceSession, spec: GraphSpec) -> None:
+    """A graph's inputs and outputs must be those its manifest entry names, in order, with the same ranks and
+    fixed sizes (a graph of another model, with its hash written into the manifest, fails here and not mid-run)."""
+    for kind, tensors, expected in (("inputs", session.get_inputs(), spec.inputs),
+                                    ("outputs", session.get_outputs(), spec.outputs)):
+        got, want = _signature(tensors), _signature(expected)
+        if got != want:
+            raise ModelError(f"{spec.file} is not the graph its manifest describes: {kind} {', '.join(got)}, "
+                             f"expected {', '.join(want)} (a graph of another model?)")
+
+
+def _signature(tensors: Sequence[TensorSpec | ort.NodeArg]) -> list[str]:
+    """`name[?,512]` per tensor: named (batch) and unknown sizes are `?`."""
+    return [f"{t.name}[{','.join(str(d) if isinstance(d, int) and d > 0 else '?' for d in t.shape)}]"
+            for t in tensors]
 
 
 class OrtEngine(Engine):
@@ -39,9 +57,11 @@ class OrtEngine(Engine):
     def __init__(self, folder: str | Path, manifest: Manifest, precision: str = "fp32",
                  providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None,
                  optimization: str = "all"):
+        if precision not in EXPORT_FLAG:
+            raise choice_error("precision", precision, list(EXPORT_FLAG))
         if precision not in manifest.graphs:
             raise ModelError(f"model folder {folder} has no {precision} graphs; it has {', '.join(manifest.graphs)} "
-                             f"(pass --precision {manifest.default_precision}, or export with {EXPORT_FLAG.get(precision, f'--{precision}')})")
+                             f"(pass --precision {manifest.default_precision}, or export with {EXPORT_FLAG[precision]})")
         wanted = providers[0]
         if wanted not in ort.get_available_providers():
             raise ModelError(f"ONNX Runtime here has no {wanted} (available: {', '.join(ort.get_available_providers())}); "
@@ -62,6 +82,7 @@ class OrtEngine(Engine):
                                                            providers=list(providers))
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise ModelError(f"ONNX Runtime cannot load {spec.file}: {str(e).splitlines()[0][:200]}") from None
+            _check_io(self.sessions[role], spec)
             if self.sessions[role].get_providers()[0] != wanted:
                 raise ModelError(f"ONNX Runtime could not start {wanted} for {spec.file} "
                                  f"(it fell back to {self.sessions[role].get_providers()[0]})")
