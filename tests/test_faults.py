@@ -314,3 +314,10 @@ def test_graph_of_another_model_is_named(tiny, tmp_path, role):
         Captioner.load(folder)
     message = str(wrong.value)
     assert message.startswith(f"{graph.name} is not the graph its manifest describes") and "\n" not in message
+
+
+# ---- 14: what caption-train says it trains on -----------------------------------------------------------
+
+def test_data_line_counts_the_train_limit(tmp_path, capsys):
+    train(TrainConfig.from_flat(**TINY, decoder="plain", epochs=1, train_limit=6, output=str(tmp_path)))
+    assert "(training on the first 6 of 16 train images: --train-limit)" in capsys.readouterr().out

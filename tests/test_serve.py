@@ -36,7 +36,7 @@ def service():
     args = caption_serve.build_parser().parse_args(
         ["--port", str(free_port()), "--threads", "1", "--max-bytes", "200000", "--batch-wait-ms", "20"])
     url = caption_serve.start(args)
-    yield url, args
+    yield url
     serve.shutdown()
     ray.shutdown()
 
@@ -54,7 +54,7 @@ def post(url: str, data: bytes, kind: str = "image/jpeg", session=requests, **pa
 
 
 def test_concurrent_requests_match_the_api_and_are_batched(service, jpegs):
-    url, _ = service
+    url = service
     expected = [Captioner.load(threads=1).caption(decode_image(j)).text for j in jpegs]
 
     def client(k: int) -> list[tuple[int, int, dict]]:
@@ -73,7 +73,7 @@ def test_concurrent_requests_match_the_api_and_are_batched(service, jpegs):
 
 
 def test_multipart_query_parameters_and_model_summary(service, jpegs):
-    url, _ = service
+    url = service
     files = [("files", (f"scene{i}.jpg", jpegs[i], "image/jpeg")) for i in range(3)]
     r = requests.post(f"{url}/v1/caption", files=files, params={"beams": 1, "max_length": 12}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
@@ -95,7 +95,7 @@ def test_multipart_query_parameters_and_model_summary(service, jpegs):
     ("empty form", 400, "no image files"),
 ])
 def test_errors_answer_one_line_and_the_replica_keeps_serving(service, jpegs, case, status, message):
-    url, _ = service
+    url = service
     r = {"corrupt": lambda: post(url, b"\xff\xd8 not really a jpeg"),
          "too large": lambda: post(url, np.random.default_rng(0).bytes(300_000)),
          "text": lambda: post(url, b"hello", "text/plain"),
@@ -109,10 +109,10 @@ def test_errors_answer_one_line_and_the_replica_keeps_serving(service, jpegs, ca
 
 
 def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jpegs):
-    """A second application that queues at most one request: 24 at once overflow it."""
-    url, args = service
-    args = caption_serve.build_parser().parse_args(["--threads", "1", "--max-batch-size", "1", "--max-queued", "1"])
-    app = caption_serve.application(args, caption_serve.captioner_kwargs(args, "test"))
+    """A second application (made by the builder Serve config files use) that queues at most one request: 24 at
+    once overflow it."""
+    url = service
+    app = caption_serve.build({"threads": "1", "max_batch_size": "1", "max-queued": "1"})
     serve.run(app, name="overload", route_prefix="/overload")
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(lambda _: post(f"{url}/overload", jpegs[2]), range(24)))

@@ -9,6 +9,7 @@ Starts a local Ray instance, or joins a cluster with --address auto|HOST:PORT. C
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,6 +21,10 @@ from .cluster import connect, require
 
 PROG = "caption-serve"
 APP = "edgecap"
+# --ingress -> the environment a Ray instance needs for it (set before the instance starts; a cluster's nodes
+# need it when they start: `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`)
+INGRESS = {"proxy": {},
+           "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", metavar="N", type=int, default=1, help="model replicas (default: 1)")
     p.add_argument("--max-batch-size", metavar="B", type=int, default=8,
                    help="most images captioned together by one replica; 1 turns batching off (default: 8)")
-    p.add_argument("--batch-wait-ms", metavar="W", type=float, default=10.0,
-                   help="how long a replica waits for a batch to fill (default: 10)")
+    p.add_argument("--batch-wait-ms", metavar="W", type=float, default=0.0,
+                   help="how long a replica waits for a batch to fill; with 0 a batch is what arrived while the "
+                        "previous one ran (default: 0)")
     p.add_argument("--max-queued", metavar="Q", type=int, default=64,
                    help="requests waiting per caller before the service answers 503 (default: 64)")
     p.add_argument("--max-bytes", metavar="M", type=int, default=10 << 20,
@@ -37,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--address", metavar="ADDR", help="Ray cluster to join: auto or HOST:PORT (default: a local one)")
+    p.add_argument("--ingress", choices=INGRESS, default="proxy",
+                   help="Ray Serve's HTTP proxy, or HAProxy straight to the replicas (experimental in Ray 2.60: "
+                        "lower latency, slow to shut down) (default: proxy)")
     return p
 
 
@@ -52,17 +61,28 @@ def check_options(args: argparse.Namespace) -> None:
 
 def application(args: argparse.Namespace, captioner: dict):
     """The Serve application: `--replicas` copies of the deployment, each taking up to two batches' worth of
-    requests at once (one captioning, one filling), and a queue of `--max-queued` before 503 + Retry-After."""
+    requests at once (one captioning, one filling; at least 16, so that the router never backs off from a busy
+    replica, which cost a batch-size-1 service two thirds of its throughput at 16 clients), and a queue of
+    `--max-queued` before 503 + Retry-After."""
     require("ray.serve", PROG)
     from ray.serve.config import BackpressureConfig
 
     from .deployment import CaptionServer
 
     return CaptionServer.options(
-        num_replicas=args.replicas, max_ongoing_requests=2 * args.max_batch_size,
+        num_replicas=args.replicas, max_ongoing_requests=max(16, 2 * args.max_batch_size),
         max_queued_requests=args.max_queued, backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
         ray_actor_options={"num_cpus": args.threads or 1},
     ).bind(captioner, args.max_batch_size, args.batch_wait_ms, args.max_bytes)
+
+
+def build(config: dict[str, str]):
+    """Ray Serve's application builder: `serve run edgecap.scale.serve:build model=DIR replicas=2`, or
+    `import_path: edgecap.scale.serve:build` with `args:` in a Serve config file (KubeRay's RayService). The keys
+    are caption-serve's flags (`max_batch_size` or `max-batch-size`); the HTTP ones are the config file's."""
+    args = build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in config.items()])
+    check_options(args)
+    return application(args, captioner_kwargs(args, PROG))
 
 
 def start(args: argparse.Namespace) -> str:
@@ -70,6 +90,7 @@ def start(args: argparse.Namespace) -> str:
     check_options(args)
     app = application(args, captioner_kwargs(args, PROG))
     serve = require("ray.serve", PROG)
+    os.environ.update(INGRESS[args.ingress])  # read by a Ray instance this process starts
     connect(args.address, PROG)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=APP, route_prefix="/", blocking=False)
@@ -80,12 +101,14 @@ def serve_forever(args: argparse.Namespace) -> int:
     url = start(args)
     print(f"{PROG}: serving {url}/v1/caption ({args.replicas} replica(s), batches up to {args.max_batch_size}); "
           "Ctrl-C stops", file=sys.stderr)
-    serve = require("ray.serve", PROG)
     try:
         while True:
             time.sleep(3600)
-    finally:  # Ctrl-C (run_main reports it): take the application and its replicas down
-        serve.shutdown()
+    finally:  # Ctrl-C (run_main reports it): a local Ray goes with everything on it; on a cluster, our app
+        if args.address:
+            require("ray.serve", PROG).delete(APP)
+        else:
+            require("ray", PROG).shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

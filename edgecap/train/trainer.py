@@ -208,7 +208,8 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
                                image_size=cfg.image_size,
                                synthetic_sizes={"train": cfg.synthetic_train, "dev": cfg.synthetic_dev})
     train_split, dev_split = splits["train"], splits["dev"]
-    if cfg.train_limit:
+    if cfg.train_limit and cfg.train_limit < len(train_split):
+        desc += f" (training on the first {cfg.train_limit} of {len(train_split)} train images: --train-limit)"
         train_split = Head(train_split, cfg.train_limit)
     if len(train_split) == 0 or len(dev_split) == 0:
         raise DataError(f"need train and dev images; found {desc}")

@@ -1,0 +1,257 @@
+#!/usr/bin/env python
+"""Scale-out benchmark: caption-serve under 1, 4 and 16 concurrent clients with dynamic batching on and off,
+a bounded overload run, and caption-batch against caption-run on the same folder. One run, one machine.
+
+  python benchmarks/serve_load.py --images ../shared/flickr8k/images --count 48 \
+      --json benchmarks/results/serve-cpu-2core.json --markdown benchmarks/results/serve-cpu-2core.md
+
+The latency baseline is what caption-run does per image of a live source: decode the JPEG, then caption it
+alone (`Captioner.caption(bytes)`), on the same model, threads and images, alternating with one client's
+requests. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import ray
+import requests
+from ray import serve
+
+import edgecap
+from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.timing import percentiles
+from edgecap.scale import serve as caption_serve
+from edgecap.train.synthetic import SyntheticSplit
+
+CLIENTS = (1, 4, 16)
+MODES = {"batching": 8, "no batching": 1}  # mode -> --max-batch-size
+TIMEOUT = 60.0  # seconds: a request that takes longer counts as hanging
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder (default: the bundled model)")
+    p.add_argument("--images", type=Path, help="folder of JPEGs, the first --count in sorted order "
+                                               "(default: synthetic scenes)")
+    p.add_argument("--count", type=int, default=48, help="distinct images the clients cycle through (default: 48)")
+    p.add_argument("--requests", type=int, default=12, help="requests per client at each level (default: 12)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: all cores)")
+    p.add_argument("--ingress", choices=caption_serve.INGRESS, default="proxy", help="caption-serve --ingress")
+    p.add_argument("--overload", type=int, nargs=2, default=(500, 32), metavar=("REQUESTS", "CLIENTS"),
+                   help="the overload run (default: 500 requests from 32 clients)")
+    p.add_argument("--overload-queue", type=int, default=8, help="--max-queued during the overload run (default: 8)")
+    p.add_argument("--batch-images", type=int, default=200, help="folder size for caption-batch vs caption-run")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--markdown", type=Path)
+    return p.parse_args(argv)
+
+
+def jpeg_files(args: argparse.Namespace, folder: Path) -> list[Path]:
+    """max(--count, --batch-images) JPEGs in `folder`: copies of --images, else synthetic scenes."""
+    n = max(args.count, args.batch_images)
+    if args.images:
+        for src in sorted(args.images.glob("*.jpg"))[:n]:
+            shutil.copy(src, folder / src.name)
+    else:
+        split = SyntheticSplit("test", n, image_size=224)
+        for i in range(n):
+            cv2.imwrite(str(folder / f"scene{i:04d}.jpg"), cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
+    return sorted(folder.glob("*.jpg"))
+
+
+def paired(url: str, captioner: Captioner, jpegs: list[bytes], rounds: int = 2) -> dict:
+    """caption-run's per-image latency (decode + caption one image, in this process, as for a live source) and
+    one client's request latency, taken alternately image by image so that both see the same machine load."""
+    here, served = [], []
+    with requests.Session() as session:
+        for data in [jpegs[0], *jpegs * rounds]:
+            t0 = time.perf_counter()
+            captioner.caption(data)
+            t1 = time.perf_counter()
+            session.post(f"{url}/v1/caption", data=data, headers={"Content-Type": "image/jpeg"},
+                         timeout=TIMEOUT).raise_for_status()
+            here.append((t1 - t0) * 1e3)
+            served.append((time.perf_counter() - t1) * 1e3)
+    here, served = here[1:], served[1:]  # the first pair warms both paths
+    return {"images": len(here), "caption_run": {k: round(v, 2) for k, v in percentiles(here).items()},
+            "served": {k: round(v, 2) for k, v in percentiles(served).items()},
+            "overhead_p50_ms": round(percentiles([b - a for a, b in zip(here, served)])["p50"], 2)}
+
+
+def load(url: str, jpegs: list[bytes], clients: int, total: int) -> dict:
+    """`total` requests from `clients` threads (each with a keep-alive session); statuses, throughput, latency."""
+    def client(k: int) -> list[tuple[int, float, int]]:
+        out = []
+        with requests.Session() as session:
+            for i in range(k, total, clients):
+                t0 = time.perf_counter()
+                try:
+                    r = session.post(f"{url}/v1/caption", data=jpegs[i % len(jpegs)], timeout=TIMEOUT,
+                                     headers={"Content-Type": "image/jpeg"})
+                    status, batch = r.status_code, r.json()["captions"][0]["batch"] if r.ok else 0
+                except requests.Timeout:
+                    status, batch = 0, 0
+                out.append((status, (time.perf_counter() - t0) * 1e3, batch))
+        return out
+
+    client(0)  # warm the path
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [a for part in pool.map(client, range(clients)) for a in part]
+    seconds = time.perf_counter() - t0
+    ok = [ms for status, ms, _ in answers if status == 200]
+    statuses: dict[str, int] = {}
+    for status, _, _ in answers:
+        statuses[str(status or "timeout")] = statuses.get(str(status or "timeout"), 0) + 1
+    batches = [b for status, _, b in answers if status == 200]
+    return {"clients": clients, "requests": total, "statuses": statuses, "seconds": round(seconds, 2),
+            "throughput_rps": round(len(ok) / seconds, 2),
+            **{k: round(v, 2) for k, v in (percentiles(ok) if ok else {}).items()},
+            "max_ms": round(max(ms for _, ms, _ in answers), 1),
+            "mean_batch": round(sum(batches) / len(batches), 2) if batches else 0}
+
+
+def deploy(args: argparse.Namespace, name: str, flags: list[str]) -> str:
+    """One caption-serve application under /NAME with the given flags over --model/--threads."""
+    common = ["--ingress", args.ingress, *(["--model", args.model] if args.model else []),
+              *(["--threads", str(args.threads)] if args.threads else [])]
+    app_args = caption_serve.build_parser().parse_args(common + flags)
+    serve.run(caption_serve.application(app_args, caption_serve.captioner_kwargs(app_args, "serve_load")),
+              name=name, route_prefix=f"/{name}")
+    return name
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        sys.exit(f"serve_load.py: error: {shlex.join(command)} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return time.perf_counter() - t0, proc.stderr
+
+
+def batch_vs_run(args: argparse.Namespace, files: list[Path], work: Path) -> dict:
+    """Whole commands on the same folder: caption-run (one process, batches of 8, all cores) and caption-batch
+    (a fresh local Ray, one single-thread actor per core); caption-batch's own images/s excludes Ray's start."""
+    folder = work / "batch"
+    folder.mkdir()
+    for f in files[:args.batch_images]:
+        os.link(f, folder / f.name)
+    model = ["--model", args.model] if args.model else []
+    bin_dir = Path(sys.executable).parent
+    run_s, _ = timed([str(bin_dir / "caption-run"), str(folder), "--quiet", *model])
+    batch_s, log = timed([str(bin_dir / "caption-batch"), str(folder), "-o", str(work / "out.jsonl"), *model])
+    pipeline = float(log.rsplit(" images/s", 1)[0].rsplit(", ", 1)[1])
+    n = len(list(folder.iterdir()))
+    return {"images": n, "caption_run_s": round(run_s, 2), "caption_run_images_per_s": round(n / run_s, 2),
+            "caption_batch_s": round(batch_s, 2), "caption_batch_images_per_s": round(n / batch_s, 2),
+            "caption_batch_pipeline_images_per_s": pipeline}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# caption-serve (--ingress {report['settings']['ingress']}) / caption-batch on "
+             f"{report['machine']['cpu']} ({report['machine']['cores']} cores)",
+             "", f"command: `{report['command']}`", "",
+             f"One client against caption-run's work per image (decode + caption, in process), alternately on "
+             f"{report['baseline']['images']} images: caption-run p50 {report['baseline']['caption_run']['p50']} ms, "
+             f"served p50 {report['baseline']['served']['p50']} ms (p99 {report['baseline']['caption_run']['p99']} and "
+             f"{report['baseline']['served']['p99']} ms); p50 of the pairwise difference "
+             f"{report['baseline']['overhead_p50_ms']} ms.", "",
+             "| mode | clients | requests | throughput (req/s) | p50 ms | p99 ms | mean batch | statuses |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mode, levels in report["serve"].items():
+        for r in levels:
+            lines.append(f"| {mode} | {r['clients']} | {r['requests']} | {r['throughput_rps']} | {r['p50']} | "
+                         f"{r['p99']} | {r['mean_batch']} | {r['statuses']} |")
+    f, o, b = report["floors"], report["overload"], report["batch"]
+    lines += ["", f"Overload: {o['requests']} requests from {o['clients']} clients (queue limit "
+                  f"{report['settings']['overload_queue']}): {o['statuses']}, slowest {o['max_ms']} ms; "
+                  f"healthy afterwards: {o['healthy_after']}.", "",
+              f"caption-batch vs caption-run on {b['images']} images: caption-run {b['caption_run_s']} s "
+              f"({b['caption_run_images_per_s']} images/s); caption-batch {b['caption_batch_s']} s "
+              f"({b['caption_batch_images_per_s']} images/s including Ray's start, "
+              f"{b['caption_batch_pipeline_images_per_s']} images/s in the pipeline).", "", "| floor | value | target | met |",
+              "|---|---|---|---|"]
+    for name, (value, target, met) in f.items():
+        lines.append(f"| {name} | {value} | {target} | {'✓' if met else '✗'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
+    load_average = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "images").mkdir()
+        files = jpeg_files(args, work / "images")
+        jpegs = [f.read_bytes() for f in files[:args.count]]
+        captioner = Captioner.load(args.model, threads=args.threads)
+        os.environ.update(caption_serve.INGRESS[args.ingress])
+        ray.init(include_dashboard=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        results = {}
+        for mode, batch in MODES.items():
+            name = deploy(args, mode.replace(" ", "-"), ["--max-batch-size", str(batch)])
+            if mode == "batching":  # the default configuration
+                base = paired(f"{url}/{name}", captioner, jpegs)
+            results[mode] = [load(f"{url}/{name}", jpegs, c, c * args.requests) for c in CLIENTS]
+            serve.delete(name)
+        name = deploy(args, "overload", ["--max-queued", str(args.overload_queue)])
+        overload = load(f"{url}/{name}", jpegs, args.overload[1], args.overload[0])
+        overload["healthy_after"] = requests.get(f"{url}/{name}/healthz", timeout=TIMEOUT).ok and requests.post(
+            f"{url}/{name}/v1/caption", data=jpegs[0], headers={"Content-Type": "image/jpeg"}, timeout=TIMEOUT).ok
+        ray.shutdown()  # with the applications on it (serve.shutdown waits 30 s for HAProxy's controller)
+        batch = batch_vs_run(args, files, work)
+    on16, off16 = results["batching"][-1]["throughput_rps"], results["no batching"][-1]["throughput_rps"]
+    answered = set(overload["statuses"]) <= {"200", "503"}
+    report = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": load_average,
+                    "platform": platform.platform(),
+                    "versions": {"edgecap": edgecap.__version__, "ray": ray.__version__}},
+        "settings": {"model": args.model or "bundled", "images": str(args.images or "synthetic"), "count": len(jpegs),
+                     "requests_per_client": args.requests, "threads": args.threads, "ingress": args.ingress,
+                     "overload_queue": args.overload_queue},
+        "baseline": base, "serve": results, "overload": overload, "batch": batch,
+        "floors": {"throughput at 16 clients, batching / batch size 1": (round(on16 / off16, 2), "≥ 1.3", on16 >= 1.3 * off16),
+                   "p50 latency at 1 client − caption-run's (ms)": (base["overhead_p50_ms"], "≤ 5",
+                                                                     base["overhead_p50_ms"] <= 5),
+                   "overload: every request 200 or 503, service healthy": (
+                       overload["statuses"], "no timeouts", answered and overload["healthy_after"])}}
+    text = markdown(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(text)
+    print(text)
+
+
+def cpu_name() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
