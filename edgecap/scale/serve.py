@@ -98,17 +98,21 @@ def start(args: argparse.Namespace) -> str:
 
 
 def serve_forever(args: argparse.Namespace) -> int:
-    url = start(args)
-    print(f"{PROG}: serving {url}/v1/caption ({args.replicas} replica(s), batches up to {args.max_batch_size}); "
-          "Ctrl-C stops", file=sys.stderr)
+    """Serve until Ctrl-C (run_main reports it); then a local Ray goes with everything on it, and on a cluster
+    our application is deleted."""
     try:
+        url = start(args)
+        print(f"{PROG}: serving {url}/v1/caption ({args.replicas} replica(s), batches up to "
+              f"{args.max_batch_size}); Ctrl-C stops", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
-    finally:  # Ctrl-C (run_main reports it): a local Ray goes with everything on it; on a cluster, our app
-        if args.address:
-            require("ray.serve", PROG).delete(APP)
-        else:
-            require("ray", PROG).shutdown()
+    finally:
+        ray = require("ray", PROG)
+        if ray.is_initialized():
+            if args.address:
+                require("ray.serve", PROG).delete(APP)
+            else:
+                ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
