@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=48, help="distinct images the clients cycle through (default: 48)")
     p.add_argument("--requests", type=int, default=12, help="requests per client at each level (default: 12)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per replica (default: all cores)")
-    p.add_argument("--ingress", choices=caption_serve.INGRESS, default="proxy", help="caption-serve --ingress")
+    p.add_argument("--ingress", choices=caption_serve.INGRESS, default="haproxy", help="caption-serve --ingress")
     p.add_argument("--overload", type=int, nargs=2, default=(500, 32), metavar=("REQUESTS", "CLIENTS"),
                    help="the overload run (default: 500 requests from 32 clients)")
     p.add_argument("--overload-queue", type=int, default=8, help="--max-queued during the overload run (default: 8)")

@@ -31,14 +31,16 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service():
-    """One local Ray and one caption-serve (bundled model, batches up to 8, 200 kB limit) for the module."""
-    ray.init(num_cpus=2, include_dashboard=False)
-    args = caption_serve.build_parser().parse_args(
-        ["--port", str(free_port()), "--threads", "1", "--max-bytes", "200000", "--batch-wait-ms", "20"])
-    url = caption_serve.start(args)
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    """One local Ray (with the default ingress) and one caption-serve (bundled model, batches up to 8, 200 kB
+    limit) for the module; the environment start() sets for the ingress is restored after."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in caption_serve.INGRESS[caption_serve.build_parser().get_default("ingress")].items():
+            mp.setenv(name, value)
+        ray.init(num_cpus=2, include_dashboard=False)
+        args = caption_serve.build_parser().parse_args(
+            ["--port", str(free_port()), "--threads", "1", "--max-bytes", "200000", "--batch-wait-ms", "20"])
+        yield caption_serve.start(args)
+        ray.shutdown()  # with the applications on it
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,6 @@ def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jp
     assert set(statuses) == {200, 503}, statuses
     assert all(r.headers.get("Retry-After") == "1" for r in answers if r.status_code == 503)
     assert post(f"{url}/overload", jpegs[2]).status_code == 200
-    serve.delete("overload")
 
 
 def test_bad_flags_are_one_line_errors(capsys):

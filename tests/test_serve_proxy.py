@@ -1,5 +1,5 @@
-"""caption-serve --ingress haproxy (its own local Ray: the ingress is chosen when Ray starts): captions equal to
-the API's, errors as one-line JSON, health."""
+"""caption-serve --ingress proxy, Serve's Python proxy (its own local Ray: the ingress is chosen when Ray
+starts): captions equal to the API's, errors as one-line JSON, health."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from test_serve import TIMEOUT, free_port, jpegs, post  # noqa: F401  (jpegs: th
 
 @pytest.fixture(scope="module")
 def service(monkeypatch_module):
-    for name, value in caption_serve.INGRESS["haproxy"].items():
-        monkeypatch_module.setenv(name, value)  # as start() does; undone after the module for the others
-    args = caption_serve.build_parser().parse_args(["--ingress", "haproxy", "--port", str(free_port()),
+    for name in caption_serve.INGRESS["haproxy"]:
+        monkeypatch_module.setenv(name, "0")  # what the other modules' default set: off for this Ray
+    args = caption_serve.build_parser().parse_args(["--ingress", "proxy", "--port", str(free_port()),
                                                     "--threads", "1"])
     yield caption_serve.start(args)
     ray.shutdown()
@@ -31,7 +31,7 @@ def monkeypatch_module():
         yield mp
 
 
-def test_haproxy_ingress_serves_the_same_captions(service, jpegs):
+def test_proxy_ingress_serves_the_same_captions(service, jpegs):
     captioner = Captioner.load(threads=1)
     for data in jpegs[:3]:
         r = post(service, data)
