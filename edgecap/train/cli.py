@@ -30,7 +30,7 @@ HELP = {
     "image_size": "input side in pixels (default: the encoder's own, 224; 112 for tiny)",
     "lr": "learning rate (default: 1e-3 for adam, 0.1 for sgd)",
     "train_limit": "train on the first N training images only",
-    "epochs": "passes over the training pairs",
+    "epochs": "passes over the training pairs (a synthetic epoch, 4,000 scenes, took 20 s on 2 idle cores)",
     "max_len": "training captions are cut to this many words",
     "min_freq": "words seen fewer times in training become <unk>",
     "att_reg": "weight of the doubly stochastic attention regulariser",
