@@ -127,3 +127,13 @@ def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jp
 def test_bad_flags_are_one_line_errors(capsys):
     assert caption_serve.main(["--replicas", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--replicas must be at least 1, got 0")
+
+
+def test_a_port_in_use_is_a_one_line_error(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert caption_serve.main(["--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"caption-serve: error: cannot listen on 127.0.0.1:{port}") and "--port" in err

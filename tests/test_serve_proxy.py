@@ -17,8 +17,8 @@ from test_serve import TIMEOUT, free_port, jpegs, post  # noqa: F401  (jpegs: th
 
 @pytest.fixture(scope="module")
 def service(monkeypatch_module):
-    for name in caption_serve.INGRESS["haproxy"]:
-        monkeypatch_module.setenv(name, "0")  # what the other modules' default set: off for this Ray
+    for name, value in caption_serve.INGRESS["proxy"].items():
+        monkeypatch_module.setenv(name, value)  # as start() does; undone after the module for the others
     args = caption_serve.build_parser().parse_args(["--ingress", "proxy", "--port", str(free_port()),
                                                     "--threads", "1"])
     yield caption_serve.start(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 
@@ -23,8 +24,8 @@ PROG = "caption-serve"
 APP = "edgecap"
 # --ingress -> the environment a Ray instance needs for it (set before the instance starts; a cluster's nodes
 # need it when they start: `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`)
-INGRESS = {"proxy": {},
-           "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}}
+INGRESS = {name: {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_ENABLE_DIRECT_INGRESS": on}
+           for name, on in (("proxy", "0"), ("haproxy", "1"))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,16 @@ def application(args: argparse.Namespace, captioner: dict):
     ).bind(captioner, args.max_batch_size, args.batch_wait_ms, args.max_bytes)
 
 
+def check_port(host: str, port: int) -> None:
+    """The HTTP port must be free before a local Ray starts: Ray's ingress would otherwise retry binding it
+    for ever."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise EdgecapError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+
+
 def build(config: dict[str, str]):
     """Ray Serve's application builder: `serve run edgecap.scale.serve:build model=DIR replicas=2`, or
     `import_path: edgecap.scale.serve:build` with `args:` in a Serve config file (KubeRay's RayService). The keys
@@ -91,6 +102,8 @@ def start(args: argparse.Namespace) -> str:
     check_options(args)
     app = application(args, captioner_kwargs(args, PROG))
     serve = require("ray.serve", PROG)
+    if not args.address:
+        check_port(args.host, args.port)
     os.environ.update(INGRESS[args.ingress])  # read by a Ray instance this process starts
     connect(args.address, PROG)
     serve.start(http_options={"host": args.host, "port": args.port})
