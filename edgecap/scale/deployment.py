@@ -78,8 +78,8 @@ def decode(name: str, data: bytes) -> np.ndarray:
 class CaptionServer:
     """One Captioner per replica; concurrent requests' images are captioned together in dynamic batches."""
 
-    def __init__(self, captioner: dict, max_batch_size: int = 8, batch_wait_ms: float = 10.0,
-                 max_bytes: int = 10 << 20) -> None:
+    def __init__(self, captioner: dict, max_batch_size: int, batch_wait_ms: float, max_bytes: int) -> None:
+        """`captioner`: `Captioner.load` arguments; the rest as caption-serve's flags (whose defaults they are)."""
         self.captioner = Captioner.load(**captioner)
         self.name = captioner["folder"].name
         self.max_batch_size, self.max_bytes = max_batch_size, max_bytes
