@@ -100,6 +100,13 @@ def test_bad_flags_and_sources_are_one_line_errors(folder, tmp_path, capsys, arg
     assert message in capsys.readouterr().err
 
 
+def test_a_source_that_names_nothing_is_warned_about_and_fails_the_run(folder, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert caption_batch.main([f"{folder}/scene000.jpg", str(tmp_path / "nowhere"), "-o", str(out)]) == 1
+    assert f"caption-batch: warning: no such file or folder: {tmp_path}/nowhere" in capsys.readouterr().err
+    assert [r["path"] for r in rows(out)] == [f"{folder}/scene000.jpg"]
+
+
 def test_no_images_is_a_one_line_error(tmp_path, capsys):
     assert caption_batch.main([str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.jsonl")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no such file or folder: {tmp_path}/nowhere")

@@ -84,10 +84,17 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def caption_batch(args: argparse.Namespace) -> int:
-    """The command's body: 0 when every image was captioned, 1 when some rows are errors."""
+    """The command's body: 0 when every image was captioned, 1 when some rows are errors or some source named
+    nothing (each warned about)."""
     check_options(args)
     captioner = captioner_kwargs(args, PROG)
-    paths = image_paths(args.sources, warn=lambda line: print(f"{PROG}: warning: {line}", file=sys.stderr))
+    unusable: list[str] = []
+
+    def warn(line: str) -> None:
+        unusable.append(line)
+        print(f"{PROG}: warning: {line}", file=sys.stderr)
+
+    paths = image_paths(args.sources, warn=warn)
     with open_output(args.output, args.format) as output:
         todo = [p for p in paths if p not in output.done]
         if len(todo) < len(paths):
@@ -96,7 +103,7 @@ def caption_batch(args: argparse.Namespace) -> int:
         if todo:
             run_pipeline(args, captioner, todo, output)
         errors = output.errors
-    return 1 if errors else 0
+    return 1 if errors or unusable else 0
 
 
 def run_pipeline(args: argparse.Namespace, captioner: dict, todo: list[str], output) -> None:
