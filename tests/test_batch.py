@@ -86,9 +86,12 @@ def test_parquet_parts_resume(folder, tmp_path):
     assert caption_batch.main([*sources, "-o", str(out), "--format", "parquet"]) == 0
     table = pq.read_table(out)
     assert table.num_rows == 10 and set(table.column_names) == {"path", "caption", "score", "error"}
+    leftover = out / ".part-00001.parquet.99999999-killed00.tmp"  # a part write killed by a kill -9
+    leftover.write_bytes(b"PAR1 half a part")
     assert caption_batch.main([*sources, f"file://{folder}/scene020.jpg", "-o", str(out), "--format", "parquet"]) == 0
     assert max(pq.read_table(out).column("path").to_pylist()) == f"file://{folder}/scene020.jpg"
     assert pq.read_table(out).num_rows == 11
+    assert not leftover.exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -18,16 +18,12 @@ from edgecap.runtime.console import choice_error
 from edgecap.runtime.engine import Engine
 from edgecap.runtime.engines import make_engine
 from edgecap.runtime.errors import ModelError
+from edgecap.runtime.files import honour_umask, remove_stale_temps, temp_prefix
 from edgecap.runtime.manifest import MANIFEST, ROLES, Manifest, ModelSource
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.sources import read_images
-from edgecap.train.checkpoint import (
-    honour_umask,
-    load_checkpoint,
-    remove_stale_temps,
-    temp_prefix,
-)
+from edgecap.train.checkpoint import load_checkpoint
 from edgecap.train.data import Split, open_splits
 from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgecap.runtime.errors import DataError
+from edgecap.runtime.files import atomic_write
 
 PART_ROWS, PART_SECONDS = 1000, 30.0  # a Parquet part is written after this many rows or seconds
 
@@ -102,16 +103,13 @@ class ParquetOutput(Output):
             self.close()
 
     def close(self) -> None:
-        """Write the buffer as the next part: a temp file renamed into place, so parts are always whole."""
+        """Write the buffer as the next part, atomically, so parts are always whole."""
         import pyarrow as pa
 
         if self.buffer:
             table = pa.Table.from_pylist([{"path": r["path"], "caption": r.get("caption"), "score": r.get("score"),
                                            "error": r.get("error")} for r in self.buffer])
-            final = self.folder / f"part-{self.next:05d}.parquet"
-            tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-            self.pq.write_table(table, tmp)
-            os.replace(tmp, final)
+            atomic_write(self.folder / f"part-{self.next:05d}.parquet", lambda f: self.pq.write_table(table, f))
             self.next += 1
         self.buffer, self.since = [], time.monotonic()
 

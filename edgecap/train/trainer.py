@@ -20,16 +20,12 @@ from tqdm import tqdm
 
 from edgecap.runtime.console import choice_error
 from edgecap.runtime.errors import DataError, ModelError
+from edgecap.runtime.files import atomic_write
 from edgecap.runtime.preprocess import Preprocessing
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
-from .checkpoint import (
-    atomic_write,
-    checkpoint_model_config,
-    load_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import checkpoint_model_config, load_checkpoint, save_checkpoint
 from .data import CaptionPairs, Head, collate, open_splits
 from .encoders import encoder_spec
 from .engine import TorchEngine
