@@ -178,13 +178,17 @@ def physical_floor(ckpt: dict, threads: int) -> dict:
             f"best of 5 {MATMUL_N}x{MATMUL_N} fp32 torch.matmul on {threads} threads"}
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform says."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+
+
 def machine(threads: int, load_average: float) -> dict:
     import torch
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "load_average": load_average,
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "load_average": load_average,
             "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "ort_providers": ort.get_available_providers(),

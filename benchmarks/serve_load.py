@@ -36,6 +36,7 @@ from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.timing import percentiles
 from edgecap.scale import serve as caption_serve
 from edgecap.train.synthetic import SyntheticSplit
+from latency import cpu_name  # this folder's latency benchmark
 
 CLIENTS = (1, 4, 16)
 MODES = {"batching": 8, "no batching": 1}  # mode -> --max-batch-size
@@ -239,12 +240,6 @@ def main() -> None:
     if args.markdown:
         args.markdown.write_text(text)
     print(text)
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.processor() or platform.machine())
 
 
 def free_port() -> int:
