@@ -16,19 +16,14 @@ from test_serve import TIMEOUT, free_port, jpegs, post  # noqa: F401  (jpegs: th
 
 
 @pytest.fixture(scope="module")
-def service(monkeypatch_module):
-    for name, value in caption_serve.INGRESS["proxy"].items():
-        monkeypatch_module.setenv(name, value)  # as start() does; undone after the module for the others
-    args = caption_serve.build_parser().parse_args(["--ingress", "proxy", "--port", str(free_port()),
-                                                    "--threads", "1"])
-    yield caption_serve.start(args)
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
+def service():
     with pytest.MonkeyPatch.context() as mp:
-        yield mp
+        for name, value in caption_serve.INGRESS["proxy"].items():
+            mp.setenv(name, value)  # as start() does; undone after the module for the others
+        args = caption_serve.build_parser().parse_args(["--ingress", "proxy", "--port", str(free_port()),
+                                                        "--threads", "1"])
+        yield caption_serve.start(args)
+        ray.shutdown()
 
 
 def test_proxy_ingress_serves_the_same_captions(service, jpegs):
