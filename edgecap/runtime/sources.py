@@ -244,8 +244,13 @@ def read_images(uri: str, count: int) -> list[np.ndarray]:
     return images
 
 
+def is_image(path: str | Path) -> bool:
+    """Whether a path names an image file by its extension."""
+    return Path(path).suffix.lower() in IMAGE_EXTS
+
+
 def _image_files(paths: list[Path]) -> list[Path]:
-    return sorted(p for p in paths if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return sorted(p for p in paths if is_image(p) and p.is_file())
 
 
 def open_source(uri: str, every: int = 1, max_fps: float | None = None, reconnects: int = 3,

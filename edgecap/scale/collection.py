@@ -11,7 +11,7 @@ import numpy as np
 
 from edgecap.runtime.errors import DataError
 from edgecap.runtime.preprocess import decode_image, read_rgb
-from edgecap.runtime.sources import IMAGE_EXTS
+from edgecap.runtime.sources import IMAGE_EXTS, is_image
 
 LIST_EXTS = (".txt", ".lst")
 
@@ -29,10 +29,6 @@ def image_paths(sources: list[str], warn: Callable[[str], None]) -> list[str]:
     if not paths:
         raise errors[0] if errors else DataError("no images to caption")
     return list(dict.fromkeys(paths))
-
-
-def is_image(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTS
 
 
 def expand(source: str) -> list[str]:
