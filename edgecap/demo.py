@@ -25,9 +25,13 @@ from edgecap.train.trainer import TrainConfig, train
 DEMO_MODEL = dict(data="synthetic", synthetic_dev=100, batch_size=64, min_freq=1, embed_dim=64, hidden_dim=256,
                   attention_dim=64, dropout=0.1, patience=3,
                   att_reg=0.0)  # no doubly stochastic regulariser: it spreads attention off the two shapes
-# per decoder: the plain one sees only the pooled grid (no positions), so more scenes do not help it
-DEMO_RUNS = {"plain": {"synthetic_train": 2000, "epochs": 12, "lr": 3e-3},
-             "attention": {"synthetic_train": 4000, "epochs": 8, "lr": 2e-3}}
+# The attention decoder trains the tiny encoder from scratch. The plain one then reuses that encoder, frozen, as
+# the shipped models share a frozen pretrained one: trained from scratch behind the plain decoder, whose one
+# pooled vector gives the encoder a weak signal, the encoder stayed nearly blind (measured on 200 held-out
+# scenes: 2-8% exact over 2,000-4,000 scenes and 8-12 epochs, against 67% on the frozen encoder).
+DEMO_RUNS = {"attention": {"synthetic_train": 4000, "epochs": 8, "lr": 2e-3},
+             "plain": {"synthetic_train": 4000, "epochs": 12, "lr": 3e-3,
+                       "encoder_weights": "{output}/attention/best.pt"}}
 
 
 def _compare(model: Path, split: SyntheticSplit, precision: str) -> None:
@@ -74,16 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         for decoder, run_settings in DEMO_RUNS.items():
             run = out / decoder
             print(f"\n== 1. train the {decoder} decoder on synthetic scenes ({run_settings['epochs']} epochs, PyTorch)")
-            train(TrainConfig.from_flat(**DEMO_MODEL, **run_settings, decoder=decoder, output=str(run)))
+            settings = {k: v.format(output=out) if isinstance(v, str) else v for k, v in run_settings.items()}
+            train(TrainConfig.from_flat(**DEMO_MODEL, **settings, decoder=decoder, output=str(run)))
             print(f"\n== 2. export {run / 'best.pt'} to ONNX (fp32 + int8), verified against PyTorch")
             model = export_model(run / "best.pt", ExportOptions(output=run / "model", int8=True, force=True))
             print(f"\n== 3. {decoder}: held-out scenes through the torch-free runtime")
             for precision in ("fp32", "int8"):
                 _compare(model, scenes, precision)
             if decoder == "plain":
-                print("  (Show and Tell sees one vector pooled over the image: which shape has which colour and size, "
-                      "and which is\n   left, are averaged away. Show, Attend and Tell looks at each region of the "
-                      "7x7 grid for each word:)")
+                print("  (Show and Tell, on the encoder the attention run trained, frozen: one vector for the whole "
+                      "image has to\n   hold both shapes and their order; Show, Attend and Tell looks again at the "
+                      "7x7 grid for each word)")
         print("\n== 4. caption-run on the scene folder, pictures with captions and attention maps")
         status = caption_run(["--model", str(out / "attention" / "model"), str(out / "scenes"),
                               "--save", str(out / "captioned"), "--attention"])

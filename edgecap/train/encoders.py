@@ -47,7 +47,7 @@ class EncoderSpec:
     default_weights: str = "none"
     fixed_size: bool = False                       # static padding: only the default image size works
     always_eval: bool = False                      # train mode would change it (drop-connect, BN statistics)
-    trained: bool = False                          # learned from scratch with the decoder (tiny)
+    trained: bool = False                          # learned from scratch with the decoder unless given weights
     stages: int = 0                                # trailing body children --finetune-blocks may unfreeze
 
     def check_size(self, name: str, image_size: int) -> None:
@@ -144,7 +144,7 @@ ENCODERS: dict[str, EncoderSpec] = {
                                       {"imagenet": _lite0_file}, default_weights="imagenet", fixed_size=True,
                                       always_eval=True, stages=16),
     "tiny": EncoderSpec(None, _tiny_body, 128, 16, Preprocessing(SCENE_SIZE, IMAGENET_MEAN, IMAGENET_STD), {},
-                        trained=True),
+                        trained=True, stages=5),
 }
 
 
@@ -167,13 +167,39 @@ def weights_file(name: str, source: str) -> Path | None:
         return None
     if source in spec.weights:
         return spec.weights[source]()
-    if spec.network is None:
-        raise ValueError(f"the {name} encoder has no pretrained form; use --encoder-weights none")
     path = Path(source)
     if not path.is_file():
         choices = ", ".join([*spec.weights, "none"])
-        raise ModelError(f"encoder weights not found: {source} (choose {choices} or a state dict file)")
+        raise ModelError(f"encoder weights not found: {source} (choose {choices}, a state dict file or an "
+                         "edgecap checkpoint)")
     return path
+
+
+def _read_state(path: Path, name: str) -> dict:
+    state = load_torch_file(path, f"{name} weights file")
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} does not hold a state dict")
+    return state
+
+
+def _load_strict(module: nn.Module, state: dict, path: Path, name: str) -> None:
+    try:
+        module.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise ModelError(f"{path} does not fit the {name} architecture: {lines[-1].strip()[:200]}") from None
+
+
+def _checkpoint_body(state: dict, name: str, path: Path) -> dict | None:
+    """The encoder body's weights when `state` is an edgecap checkpoint; None for a plain state dict."""
+    if "model_config" not in state or not isinstance(state.get("model"), dict):
+        return None
+    trained = state["model_config"].get("encoder")
+    if trained != name:
+        raise ModelError(f"{path} is a checkpoint of the {trained} encoder, not {name}")
+    prefix = "encoder.body."
+    return {k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)}
 
 
 def pretrained_network(name: str, source: str) -> tuple[nn.Module, str]:
@@ -183,23 +209,29 @@ def pretrained_network(name: str, source: str) -> tuple[nn.Module, str]:
     path = weights_file(name, source)
     if path is None or spec.network is None:
         raise ValueError(f"{name} with weights {source!r} has no pretrained network")
-    state = load_torch_file(path, f"{name} weights file")
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} does not hold a state dict")
     net = spec.network()
-    try:
-        net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        raise ModelError(f"{path} does not fit the {name} architecture: {lines[-1].strip()[:200]}") from None
+    _load_strict(net, _read_state(path, name), path, name)
     return net.eval(), file_sha256(path)
 
 
 def load_pretrained(body: nn.Sequential, name: str, source: str) -> str | None:
-    """Load `source` weights strictly into the backbone's own network, then into `body`; -> the file's sha256."""
+    """Load `source` weights strictly into `body`; -> the file's sha256.
+
+    A registry source or state dict file goes through the backbone's own network (so its keys are the
+    library's); an edgecap checkpoint gives its encoder's body as trained (any row, tiny included).
+    """
     if source == "none":
         return None
-    net, sha256 = pretrained_network(name, source)
-    body.load_state_dict(encoder_spec(name).body(net).state_dict(), strict=True)
-    return sha256
+    spec, path = encoder_spec(name), weights_file(name, source)
+    assert path is not None
+    state = _read_state(path, name)
+    trained_body = _checkpoint_body(state, name, path)
+    if trained_body is not None:
+        _load_strict(body, trained_body, path, name)
+    elif spec.network is None:
+        raise ModelError(f"{path} is not an edgecap checkpoint, the only pretrained form of the {name} encoder")
+    else:
+        net = spec.network()
+        _load_strict(net, state, path, name)
+        body.load_state_dict(spec.body(net).state_dict(), strict=True)
+    return file_sha256(path)

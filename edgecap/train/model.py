@@ -30,7 +30,8 @@ class ModelConfig:
     decoder: str = "attention"
     encoder: str | None = None          # registry name (None: the trainer picks tiny for synthetic data,
     encoder_weights: str | None = None  # efficientnet-lite0 otherwise); weights: imagenet | none | PATH
-    finetune_blocks: int = 0            # trainable last stages of a pretrained backbone; tiny is always trained
+    finetune_blocks: int = 0            # trainable last stages of a pretrained backbone (tiny without weights:
+                                        # all of it, from scratch)
     vocab_size: int = 0
     embed_dim: int = 256
     hidden_dim: int = 512
@@ -62,11 +63,12 @@ class ModelConfig:
 class Encoder(nn.Module):
     """Image [B, 3, S, S] -> regions [B, R, D] and pooled [B, D]; the backbone is a row of the encoder registry.
 
-    Built with random weights; `load_pretrained` (or a checkpoint) fills them in.
+    Built with random weights; `load_pretrained` (or a checkpoint) fills them in. A backbone with pretrained
+    `weights` is frozen but for its last `finetune_blocks` stages; tiny without weights learns from scratch.
     """
 
     def __init__(self, name: str = "resnet50", finetune_blocks: int = 0, image_size: int | None = None,
-                 learned_pool: bool = False):
+                 learned_pool: bool = False, weights: str | None = None):
         super().__init__()
         self.spec = encoder_spec(name)
         image_size = image_size or self.spec.preprocessing.size
@@ -75,14 +77,14 @@ class Encoder(nn.Module):
         self.body = build_body(name)
         self.dim = self.spec.channels
         self.pool: nn.Module = _MeanPool()
-        if not self.spec.trained:
+        if not (self.spec.trained and weights in (None, "none")):  # pretrained: frozen but the last stages
             trainable = list(self.body.children())[len(self.body) - finetune_blocks:] if finetune_blocks else []
             for p in self.body.parameters():
                 p.requires_grad = False
             for block in trainable:
                 for p in block.parameters():
                     p.requires_grad = True
-        elif learned_pool:  # a pooled vector that keeps where things are (a mean would lose "left of")
+        if self.spec.trained and learned_pool:  # a pooled vector that keeps where things are ("left of")
             side = -(-image_size // self.spec.stride)
             self.pool = nn.Sequential(nn.Flatten(), nn.Linear(side * side * self.dim, self.dim),
                                       nn.BatchNorm1d(self.dim))
@@ -214,7 +216,8 @@ class CaptionModel(nn.Module):
         if cfg.encoder is None:
             raise ValueError("ModelConfig.encoder must be set")
         self.cfg = cfg
-        self.encoder = Encoder(cfg.encoder, cfg.finetune_blocks, image_size, learned_pool=cfg.decoder == "plain")
+        self.encoder = Encoder(cfg.encoder, cfg.finetune_blocks, image_size, learned_pool=cfg.decoder == "plain",
+                               weights=cfg.encoder_weights)
         self.image_size = image_size or self.encoder.spec.preprocessing.size
         decoder_cls = AttentionDecoder if cfg.decoder == "attention" else PlainDecoder
         self.decoder = decoder_cls(cfg, self.encoder.dim)

@@ -31,7 +31,7 @@ from .encoders import encoder_spec
 from .engine import TorchEngine
 from .evaluate import caption_split, dev_scores
 from .features import cached_features
-from .model import CaptionModel, ModelConfig
+from .model import CaptionModel, Encoder, ModelConfig
 
 SELECT = {"cider": "dev_cider", "bleu4": "dev_bleu4"}  # --select -> the log record's key
 LOG = "log.jsonl"  # one JSON record per finished epoch, in the run folder
@@ -135,6 +135,15 @@ def _context(device: str) -> Context:
     if cuda:
         torch.cuda.set_device(local)
     return Context(dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def _encoder_mode(encoder: Encoder, cached: bool, weights: str | None) -> str:
+    """How the encoder takes part, for the model line: cached, frozen (with its weights) or trained."""
+    if cached:
+        return "cached features"
+    if any(p.requires_grad for p in encoder.body.parameters()):
+        return "end to end"
+    return f"frozen encoder ({weights})"
 
 
 def _make_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, Any]:
@@ -246,10 +255,12 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         _redo_epoch_writes(out, ckpt)
     cached = model.encoder.frozen if cfg.cache_features is None else cfg.cache_features
     if cached and not model.encoder.frozen:
-        raise ValueError("--cache-features needs a frozen encoder (finetune_blocks 0, not the tiny encoder)")
+        raise ValueError("--cache-features needs a frozen encoder (pretrained weights, finetune_blocks 0, no "
+                         "learned pool)")
     if ctx.main:
         print(f"data: {desc}\nmodel: {mcfg.encoder} + {mcfg.decoder}, vocabulary {len(vocab)}, "
-              f"{'cached features' if cached else 'end to end'}, {ctx.world} process(es) on {ctx.device}", flush=True)
+              f"{_encoder_mode(model.encoder, cached, mcfg.encoder_weights)}, {ctx.world} process(es) on {ctx.device}",
+              flush=True)
     train_feats = dev_feats = None
     if cached:
         source = f"{cfg.data if cfg.data == 'synthetic' else Path(cfg.data).resolve()}, seed {cfg.seed}"
