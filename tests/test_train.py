@@ -40,9 +40,11 @@ def _test_captions(ckpt: Path, n: int = 200):
     return split, vocab, [hyps[split.key(i)] for i in range(len(split))]
 
 
-# Show and Tell sees the image once and learns far more slowly than attention (3-9% exact after 8 epochs
-# here, against 0% for any blind model); Show, Attend and Tell reaches 30-40% in 4 epochs.
-@pytest.mark.parametrize("decoder, min_exact", [("plain", 0.02), ("attention", 0.25)])
+# Show and Tell, training the tiny encoder from scratch, sees the image once and learns far more slowly than
+# attention (3-9% exact after 8 epochs here, against 0% for any blind model; on a frozen trained encoder it does
+# far better: test_encoders). Show, Attend and Tell reached 83% of these 200 scenes with the tiny encoder's
+# grid position (GridPosition), 64% with the same settings before it.
+@pytest.mark.parametrize("decoder, min_exact", [("plain", 0.02), ("attention", 0.72)])
 def test_decoder_learns_synthetic_task(trained, decoder, min_exact):
     split, vocab, hyps = _test_captions(trained(decoder))
     truth = {split.key(i): split.captions(i) for i in range(len(split))}
