@@ -188,3 +188,27 @@ def test_weight_only_quantizer_leaves_logging_alone(tmp_path):
     run_ = subprocess.run([sys.executable, "-c", code, str(fp32), str(tmp_path / "q.onnx")], capture_output=True,
                           text=True, timeout=120)
     assert run_.returncode == 0 and "INFO" not in run_.stderr and "loud" not in run_.stderr, run_.stderr[-2000:]
+
+
+class PooledHead(nn.Module):
+    """The tiny plain encoder's learned pool: Flatten -> Linear -> BatchNorm1d, left unfused in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.pool = TinyEncoder(), nn.Sequential(nn.Flatten(), nn.Linear(16 * 32, 32), nn.BatchNorm1d(32))
+
+    def forward(self, image):
+        regions, _ = self.body(image)
+        return regions, self.pool(regions)
+
+
+def test_batchnorm_scale_is_quantized_per_channel_without_a_warning(tmp_path, caplog):
+    path = export(PooledHead(), (torch.randn(2, 3, 64, 64),), ["image"], ["regions", "pooled"], tmp_path / "e.onnx")
+    assert "BatchNormalization" in op_types(path)
+    with caplog.at_level("WARNING"):
+        report = quantize_encoder_static(path, tmp_path / "q.onnx", images(2, seed=1), cache=tmp_path / "c.json")
+    assert not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    graph = onnx.load(str(report.path)).graph
+    bn = next(n for n in graph.node if n.op_type == "BatchNormalization")
+    scale_dq = next(n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] == bn.input[1])
+    assert {a.name: a.i for a in scale_dq.attribute}.get("axis") == 0  # one scale per channel

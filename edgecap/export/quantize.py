@@ -139,8 +139,11 @@ def quantize_encoder_static(fp32: Path, out: Path, calibration: Iterable[np.ndar
             name: TensorData(lowest=np.float32(low), highest=np.float32(high))
             for name, (low, high) in content["ranges"].items()}), ort_cache)
         out.parent.mkdir(parents=True, exist_ok=True)
+        # A BatchNormalization left unfused (the tiny plain encoder's pool) has a 1-D scale: its channels are
+        # axis 0, not ORT's default axis 1 (which logs a warning and falls back to one scale).
         quantize_static(pre, out, None, quant_format=fmt, per_channel=per_channel, activation_type=activations,
-                        weight_type=weights, calibrate_method=calibrate_method, calibration_cache_path=ort_cache)
+                        weight_type=weights, calibrate_method=calibrate_method, calibration_cache_path=ort_cache,
+                        extra_options={"QDQOpTypePerChannelSupportToAxis": {"BatchNormalization": 0}})
     granularity = "per-channel" if per_channel else "per-tensor"
     return _report(out, fp32, f"static {fmt.name} {_SHORT[activation_type]}{_SHORT[weight_type]} {granularity}, "
                               f"{calibrate_method.name}, {source.format(images=content['images'])}")
