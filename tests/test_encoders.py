@@ -163,7 +163,7 @@ def test_tiny_encoder_from_a_checkpoint_is_frozen_and_lets_the_plain_decoder_see
         return dev_scores(hyps, scenes, vocab)["exact"]
 
     frozen, scratch = exact(tmp_path / "run" / "best.pt"), exact(trained("plain"))
-    assert frozen >= 0.2 and frozen >= 3 * scratch, (frozen, scratch)  # measured: 0.39 greedy on 200 scenes
+    assert frozen >= 0.2 and frozen >= 3 * scratch, (frozen, scratch)  # measured: 0.37 against 0.03
 
 
 def test_checkpoint_weights_must_be_an_edgecap_checkpoint_of_the_same_encoder(tmp_path):
