@@ -2,8 +2,8 @@
 """Scale-out benchmark: caption-serve under 1, 4 and 16 concurrent clients with dynamic batching on and off,
 a bounded overload run, and caption-batch against caption-run on the same folder. One run, one machine.
 
-  python benchmarks/serve_load.py --images ../shared/flickr8k/images --count 48 \
-      --json benchmarks/results/serve-cpu-2core.json --markdown benchmarks/results/serve-cpu-2core.md
+  python benchmarks/serve_load.py --images ../shared/flickr8k/images --requests 24 --ingress haproxy \
+      --json benchmarks/results/serve-haproxy-cpu-2core.json --markdown benchmarks/results/serve-haproxy-cpu-2core.md
 
 The latency baseline is what caption-run does per image of a live source: decode the JPEG, then caption it
 alone (`Captioner.caption(bytes)`), on the same model, threads and images, alternating with one client's

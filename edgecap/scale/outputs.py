@@ -100,9 +100,12 @@ class ParquetOutput(Output):
     def append(self, rows: list[dict]) -> None:
         self.buffer += rows
         if len(self.buffer) >= PART_ROWS or time.monotonic() - self.since > PART_SECONDS:
-            self.close()
+            self.write_part()
 
     def close(self) -> None:
+        self.write_part()
+
+    def write_part(self) -> None:
         """Write the buffer as the next part, atomically, so parts are always whole."""
         import pyarrow as pa
 
