@@ -58,3 +58,15 @@ def test_decoder_step_benchmark_smoke(exported, tmp_path):
     assert "| int8 |" in done.stdout and "per extra row" in done.stdout
     bad = subprocess.run([*cmd[:3], str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not found" in bad.stderr
+
+
+def test_search_overhead_benchmark_smoke(exported, tmp_path):
+    out = tmp_path / "search.json"
+    cmd = [sys.executable, str(SCRIPT.with_name("search_overhead.py")), "--model", str(exported["attention"]),
+           "--beams", "1,3", "--rounds", "2", "--count", "3", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())["search"]
+    assert set(report) == {"greedy", "beam3"}
+    assert all(r["ms_per_caption"] > 0 and r["steps_per_caption"] >= 1 for r in report.values())
+    assert "| beam3 |" in done.stdout

@@ -84,6 +84,27 @@ def test_nbest_sorted_with_scores_and_attention_history():
         assert h.attention.argmax(1).tolist() == two_back  # state and history reordered with the beam
 
 
+class PlainMarkovEngine(MarkovEngine):
+    """The same tables through a decoder without attention (Show and Tell): no attention output."""
+
+    def step(self, words, state, context):
+        out = super().step(words, state, context)
+        return StepOutput(out.logprobs, out.state, None)
+
+
+@pytest.mark.parametrize("beams", [1, 3, 4])
+def test_decoder_without_attention_gives_the_same_hypotheses(beams):
+    tables = [GARDEN_PATH, {1: {C: 0.9, D: 0.1}, C: {D: 0.8, END: 0.2}, D: {END: 1.0}}]
+    opts = SearchOptions(num_beams=beams, num_return_sequences=min(beams, 3), max_length=6)
+    got = {}
+    for engine in (MarkovEngine(tables), PlainMarkovEngine(tables)):
+        state, context = engine.prepare(engine.encode(np.zeros((len(tables), 1))))
+        got[type(engine)] = search(engine, state, context, opts)
+    for with_attention, without in zip(got[MarkovEngine], got[PlainMarkovEngine]):
+        assert [(h.tokens, h.score) for h in with_attention] == [(h.tokens, h.score) for h in without]
+        assert all(h.attention is None for h in without) and all(h.attention is not None for h in with_attention)
+
+
 def test_batched_images_one_step_call_per_word():
     other = {1: {C: 0.9, D: 0.1}, C: {D: 0.8, END: 0.2}, D: {END: 1.0}}
     results, engine = run([GARDEN_PATH, other, GARDEN_PATH], num_beams=3, max_length=6, length_penalty=0.0)
