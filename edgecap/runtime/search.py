@@ -138,7 +138,7 @@ def _greedy(engine: Engine, state: Arrays, context: Arrays, opts: SearchOptions)
 def _beam(engine: Engine, state: Arrays, context: Arrays, opts: SearchOptions) -> list[list[Hypothesis]]:
     """Each word: one step for all rows and each image's 2k best continuations as arrays; the bookkeeping of
     those few candidates is plain Python, cheaper than array calls at this size (search overhead per word at
-    beam 5, one image, bundled model: 85 us with array bookkeeping, 53 us with this)."""
+    beam 5, one image, bundled model: 86 us with array bookkeeping, 51-54 us with this; benchmarks/search_overhead.py)."""
     b, k = len(state["h"]), opts.num_beams
     end, neg_inf = Vocabulary.end_id, float(NEG_INF)
     scores = np.zeros((b, 1), np.float64)  # one live beam per image until the first word: no duplicate rows
