@@ -20,9 +20,19 @@ from test_serve import free_port  # noqa: E402
 CAPTION_SERVE = str(Path(sys.executable).parent / "caption-serve")
 
 
+def start_interruptible(cmd: list[str]) -> subprocess.Popen:
+    """Start `cmd` able to take Ctrl-C (SIGINT) even where this process ignores it, as a background job does
+    (`make test &`): an ignored signal stays ignored in a child, a handled one is reset to the default."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_starts_answers_and_stops_on_ctrl_c():
     port = free_port()
-    proc = subprocess.Popen([CAPTION_SERVE, "--port", str(port), "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    proc = start_interruptible([CAPTION_SERVE, "--port", str(port), "--threads", "1"])
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
