@@ -14,6 +14,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,19 @@ def markdown(report: dict) -> str:
                                   f"`{report['command']}`"])
 
 
+def run_report(args: argparse.Namespace, measure: Callable[[argparse.Namespace], dict],
+               markdown: Callable[[dict], str], prog: str) -> int:
+    """Measure, print the markdown table and write the JSON when `--json` asks; errors as one line (run_main)."""
+
+    def body() -> None:
+        report = measure(args)
+        print(markdown(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+    return run_main(body, prog)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="decoder_step.py", description=__doc__)
     p.add_argument("--model", required=True, type=Path, help="model folder written by export-onnx")
@@ -93,13 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.count, args.threads, args.rounds, args.block, *args.rows) < 1 or args.warmup < 0:
         p.error("--count, --threads, --rounds, --block and --rows must be positive, --warmup at least 0")
 
-    def body() -> None:
-        report = measure(args)
-        print(markdown(report))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
-
-    return run_main(body, "decoder_step.py")
+    return run_report(args, measure, markdown, "decoder_step.py")
 
 
 if __name__ == "__main__":

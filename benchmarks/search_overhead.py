@@ -9,7 +9,6 @@ reordering of state) is timed, on the real log-probabilities of a real model. Se
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decoder_step import load_images
-from edgecap.runtime.console import run_main
+from decoder_step import load_images, run_report
 from edgecap.runtime.decode import start
 from edgecap.runtime.engine import Arrays, Engine, StepOutput
 from edgecap.runtime.engines import make_engine
@@ -102,13 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.count, args.threads, args.rounds, *args.beams) < 1:
         p.error("--count, --threads, --rounds and --beams must be positive")
 
-    def body() -> None:
-        report = measure(args)
-        print(markdown(report))
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
-
-    return run_main(body, "search_overhead.py")
+    return run_report(args, measure, markdown, "search_overhead.py")
 
 
 if __name__ == "__main__":
