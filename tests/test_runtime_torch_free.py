@@ -8,6 +8,8 @@ RUNTIME_MODULES = ["edgecap.runtime.captioner", "edgecap.runtime.engines", "edge
                    "edgecap.runtime.sources", "edgecap.runtime.render", "edgecap.runtime.attend",
                    "edgecap.runtime.cli", "edgecap.runtime.manifest", "edgecap.runtime.timing",
                    "edgecap.runtime.files",
+                   # the console scripts of the commands that need an extra: they check for it first
+                   "edgecap.commands",
                    # scale-out on Ray: Serve deployment and Ray Data pipeline
                    "edgecap.scale.serve", "edgecap.scale.deployment", "edgecap.scale.batch",
                    # plain-Python data code that torch-free tools (the latency benchmark's variants) import
