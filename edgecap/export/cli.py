@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from edgecap.runtime.console import run_main
-from edgecap.runtime.search import SearchOptions
+from edgecap.runtime.search import SearchOptions, check_limits
 
 from .exporter import DEFAULT_OPSET, ExportOptions, export_model
 
@@ -38,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     args = vars(p.parse_args(argv))
     ckpt = args.pop("checkpoint")
-    return run_main(lambda: export_model(ckpt, ExportOptions(**args)) and 0, "export-onnx")
+
+    def body() -> None:
+        check_limits(args["beams"], args["max_length"])
+        export_model(ckpt, ExportOptions(**args))
+
+    return run_main(body, "export-onnx")
 
 
 if __name__ == "__main__":

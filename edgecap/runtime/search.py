@@ -19,6 +19,7 @@ NEG_INF = -np.inf
 SPECIAL = [Vocabulary.pad_id, Vocabulary.start_id]
 SPECIAL_BLOCKED = SPECIAL + [Vocabulary.unk_id]
 WHAT = {bool: "true or false", int: "a whole number", float: "a finite number"}
+MAX_BEAMS, MAX_LENGTH = 16, 100  # the most a command line or a request may ask for: no unbounded work
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,15 @@ class SearchOptions:
         if unknown:
             raise choice_error(f"key in {where}", unknown[0], sorted(known))
         return cls(**d)
+
+
+def check_limits(beams: int | None, max_length: int | None,
+                 names: tuple[str, str] = ("--beams", "--max-length")) -> None:
+    """Refuse a beam width outside 1..MAX_BEAMS or a caption length outside 1..MAX_LENGTH (None: not asked for),
+    naming each as its user typed it: a flag, or a request's query parameter."""
+    for name, value, most in zip(names, (beams, max_length), (MAX_BEAMS, MAX_LENGTH)):
+        if value is not None and not 1 <= value <= most:
+            raise ValueError(f"{name} must be between 1 and {most}, got {value}")
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 from edgecap.runtime.console import choice_error, run_main
 from edgecap.runtime.engines import DEVICES, RUNTIME_ENGINES, check_choices, make_engine
 from edgecap.runtime.manifest import PRECISIONS, Manifest
-from edgecap.runtime.search import SearchOptions
+from edgecap.runtime.search import SearchOptions, check_limits
 from edgecap.runtime.vocab import Vocabulary, tokenize
 
 from .data import open_splits
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", type=lambda s: [int(b) for b in s.split(",")],
                    help="comma-separated beam widths, 1 = greedy (default: 1 and the model's own)")
     p.add_argument("--max-length", type=int, help="most words per caption (default: the model's)")
-    p.add_argument("--limit", type=int, help="first N images of the split")
+    p.add_argument("--limit", metavar="N", type=int, help="first N images of the split (default: all)")
     p.add_argument("--spice", action="store_true", help="also try SPICE (needs Stanford CoreNLP models)")
     p.add_argument("--no-java", action="store_true", help="simple tokenizer, no METEOR (no Java needed)")
     p.add_argument("--json", type=Path, help="write scores and captions here")
@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.split not in SPLITS:
             raise choice_error("split", args.split, SPLITS)
         check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
+        for beams in args.beams or [None]:
+            check_limits(beams, args.max_length)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {args.limit}")
         baseline = read_baseline(args.baseline) if args.baseline else None
         report = evaluate(args)
         if baseline is not None:
