@@ -1,9 +1,14 @@
 """caption-batch on a local Ray (2 CPUs): one row per image with caption-run's captions, a killed actor's batch
-retried without duplicates, reruns that add nothing, error rows for unreadable images, Parquet output."""
+retried without duplicates, reruns that add nothing, error rows for unreadable images and decompression bombs,
+Parquet output, a bad model refused before Ray starts, and SIGTERM keeping what was done for the rerun."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -15,8 +20,10 @@ pq = pytest.importorskip("pyarrow.parquet")
 from edgecap.runtime import cli as caption_run
 from edgecap.scale import batch as caption_batch
 from edgecap.train.synthetic import SyntheticSplit
+from test_serve import bad_model, bomb_png  # noqa: E402
 
 N = 200
+CAPTION_BATCH = str(Path(sys.executable).parent / "caption-batch")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,3 +120,53 @@ def test_a_source_that_names_nothing_is_warned_about_and_fails_the_run(folder, t
 def test_no_images_is_a_one_line_error(tmp_path, capsys):
     assert caption_batch.main([str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.jsonl")]) == 2
     assert capsys.readouterr().err.strip().endswith(f"no such file or folder: {tmp_path}/nowhere")
+
+
+def test_a_decompression_bomb_is_an_error_row_between_captioned_images(folder, tmp_path):
+    """A 40000x40000 PNG (200 kB, past OpenCV's own limit) between two good images."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, source in (("a.jpg", "scene000.jpg"), ("c.jpg", "scene001.jpg")):
+        (photos / name).write_bytes((folder / source).read_bytes())
+    (photos / "b.png").write_bytes(bomb_png(40_000))
+    out = tmp_path / "out.jsonl"
+    assert caption_batch.main([str(photos), "-o", str(out), "--actors", "1"]) == 1
+    got = {Path(r["path"]).name: r for r in rows(out)}
+    assert sorted(got) == ["a.jpg", "b.png", "c.jpg"]
+    assert "over the 100,000,000-pixel limit (--max-pixels)" in got["b.png"]["error"]
+    assert got["a.jpg"]["caption"] and got["c.jpg"]["caption"]
+
+
+@pytest.mark.parametrize("fmt, out", [("jsonl", "o.jsonl"), ("parquet", "o.parquet")])
+def test_a_bad_model_is_one_line_and_leaves_no_output(folder, tmp_path, capsys, fmt, out):
+    bad = bad_model(tmp_path / "bad")
+    assert caption_batch.main([str(folder), "-o", str(tmp_path / out), "--format", fmt, "--model", str(bad)]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("caption-batch: error: manifest: missing key(s) ['decoder'")
+    assert not (tmp_path / out).exists()
+
+
+def test_sigterm_keeps_the_rows_done_and_a_rerun_captions_the_rest(folder, tmp_path, capsys):
+    """The command in its own process and Ray, one actor, batches of 4: SIGTERM once rows arrive."""
+    out = tmp_path / "captions.jsonl"
+    proc = subprocess.Popen([CAPTION_BATCH, str(folder), "-o", str(out), "--actors", "1", "--batch-size", "4"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.stat().st_size):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    done = rows(out)  # every line whole
+    assert 0 < len(done) < N
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line and "img/s]" not in line and "?img/s" not in line]
+    assert lines[-1].startswith("caption-batch: SIGTERM: stopped with ") and "the same command captions the rest" in lines[-1]
+    assert all(line.startswith("caption-batch: ") for line in lines), lines  # no stack dump, no Ray noise
+
+    assert caption_batch.main([str(folder), "-o", str(out)]) == 0
+    assert f"{len(done)} of {N} images already in" in capsys.readouterr().err
+    assert sorted(r["path"] for r in rows(out)) == sorted(str(p) for p in folder.iterdir())

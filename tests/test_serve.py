@@ -1,10 +1,16 @@
 """caption-serve on a local Ray (2 CPUs, loopback): parity with the API under concurrent load, dynamic batching,
-every error status, and overload answered with 503 + Retry-After while the service stays healthy."""
+every error status as one-line JSON (a decompression bomb included), overload answered with 503 + Retry-After
+while the service stays healthy, and a drain that finishes the requests in flight while refusing new ones."""
 
 from __future__ import annotations
 
 import socket
+import struct
+import threading
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,6 +27,25 @@ from edgecap.train.synthetic import SyntheticSplit
 
 IMAGES, REQUESTS, CLIENTS = 12, 100, 8
 TIMEOUT = 60  # seconds per HTTP request: no test waits forever
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid PNG of side x side pixels of one colour (1-bit grey), written without ever holding the pixels:
+    a decompression bomb of 50 kB (side 20000) or 200 kB (side 40000, past OpenCV's own limit)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows, z = (b"\0" * (1 + (side + 7) // 8)) * 500, zlib.compressobj(9)
+    idat = b"".join(z.compress(rows) for _ in range(side // 500)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def bad_model(folder: Path) -> Path:
+    """A model folder whose manifest lacks most of its keys."""
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"format_version": 1}')
+    return folder
 
 
 def free_port() -> int:
@@ -91,22 +116,32 @@ def test_multipart_query_parameters_and_model_summary(service, jpegs):
 @pytest.mark.parametrize("case, status, message", [
     ("corrupt", 400, "not a readable image"),
     ("too large", 413, "200000-byte limit"),
+    ("bomb", 413, "over the 100,000,000-pixel limit (--max-pixels)"),
     ("text", 415, "Content-Type: image/*"),
     ("beams=0", 422, "beams must be between 1 and 16"),
     ("beams=abc", 422, "beams"),
+    ("unknown parameter", 422, "unknown query parameter(s) beam, size; /v1/caption takes beams, max_length"),
     ("empty form", 400, "no image files"),
+    ("form without boundary", 400, "not a readable multipart/form-data body"),
+    ("no such route", 404, "Not Found: GET /v1/captions"),
+    ("wrong method", 405, "Method Not Allowed: GET /v1/caption"),
 ])
-def test_errors_answer_one_line_and_the_replica_keeps_serving(service, jpegs, case, status, message):
+def test_errors_answer_one_line_json_and_the_replica_keeps_serving(service, jpegs, case, status, message):
     url = service
     r = {"corrupt": lambda: post(url, b"\xff\xd8 not really a jpeg"),
          "too large": lambda: post(url, np.random.default_rng(0).bytes(300_000)),
+         "bomb": lambda: post(url, bomb_png(20_000), "image/png"),
          "text": lambda: post(url, b"hello", "text/plain"),
          "beams=0": lambda: post(url, jpegs[0], beams=0),
          "beams=abc": lambda: post(url, jpegs[0], beams="abc"),
+         "unknown parameter": lambda: post(url, jpegs[0], beam=3, size=2),
          "empty form": lambda: requests.post(f"{url}/v1/caption", files={"note": (None, "no file")},
-                                             timeout=TIMEOUT)}[case]()
-    assert r.status_code == status and message in r.json()["error"], r.text
-    assert "\n" not in r.json()["error"]
+                                             timeout=TIMEOUT),
+         "form without boundary": lambda: post(url, b"--x\r\n", "multipart/form-data"),
+         "no such route": lambda: requests.get(f"{url}/v1/captions", timeout=TIMEOUT),
+         "wrong method": lambda: requests.get(f"{url}/v1/caption", timeout=TIMEOUT)}[case]()
+    assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+    assert list(r.json()) == ["error"] and message in r.json()["error"] and "\n" not in r.json()["error"], r.text
     assert post(url, jpegs[1]).status_code == 200
 
 
@@ -120,8 +155,44 @@ def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jp
         answers = list(pool.map(lambda _: post(f"{url}/overload", jpegs[2]), range(24)))
     statuses = [r.status_code for r in answers]
     assert set(statuses) == {200, 503}, statuses
-    assert all(r.headers.get("Retry-After") == "1" for r in answers if r.status_code == 503)
+    refused = [r for r in answers if r.status_code == 503]
+    assert all(r.headers.get("Retry-After") == "1" and r.json()["error"].startswith("busy: ") for r in refused)
     assert post(f"{url}/overload", jpegs[2]).status_code == 200
+    serve.delete("overload")
+
+
+def test_a_drain_finishes_requests_in_flight_and_refuses_new_ones_with_503(service, jpegs):
+    """Slow requests (8 images at beam 16, one at a time) are in flight when the drain starts: each gets its
+    captions, a request sent meanwhile gets 503 JSON + Retry-After, and the drain returns once they are done."""
+    url = f"{service}/drain"
+    serve.run(caption_serve.build({"threads": "1", "max_batch_size": "1"}), name="drain", route_prefix="/drain")
+    files = [("files", (f"{i}.jpg", jpegs[i], "image/jpeg")) for i in range(8)]
+    slow = lambda _: (requests.post(f"{url}/v1/caption", files=files, params={"beams": 16}, timeout=TIMEOUT),
+                      time.monotonic())
+    with ThreadPoolExecutor(4) as pool:
+        in_flight = [pool.submit(slow, k) for k in range(4)]
+        time.sleep(0.5)
+        drained: list[tuple[int, float]] = []
+        drainer = threading.Thread(target=lambda: drained.append((caption_serve.drain(30, "drain"), time.monotonic())))
+        drainer.start()
+        time.sleep(0.5)
+        late = post(url, jpegs[0])
+        drainer.join(timeout=60)
+        answers = [f.result() for f in in_flight]
+    assert late.status_code == 503 and late.headers.get("Retry-After") == "1", late.text
+    assert late.json() == {"error": "the service is shutting down"}
+    assert [r.status_code for r, _ in answers] == [200] * 4 and all(len(r.json()["captions"]) == 8 for r, _ in answers)
+    left, finished = drained[0]
+    assert left == 0 and finished > max(t for _, t in answers) - 0.25  # it waited for them (give or take a reply)
+    serve.delete("drain")
+
+
+def test_a_bad_model_folder_is_one_line_before_ray_starts(tmp_path, capsys):
+    t0 = time.monotonic()
+    assert caption_serve.main(["--model", str(bad_model(tmp_path / "bad")), "--port", str(free_port())]) == 2
+    assert time.monotonic() - t0 < 5  # no replica was started
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("caption-serve: error: manifest: missing key(s) ['decoder'")
 
 
 def test_bad_flags_are_one_line_errors(capsys):

@@ -5,7 +5,8 @@
 Paths -> `map_batches` over a pool of Captioner actors (read, decode, caption) -> rows written by this process as
 they arrive: JSONL `{path, caption, score}` or, with --format parquet, a folder of Parquet parts. A rerun skips
 paths already in the output (so a killed run resumes); an unreadable image gives a row with an `error`; an actor
-that dies is replaced and its batch retried, so every input appears exactly once.
+that dies is replaced and its batch retried, so every input appears exactly once. SIGTERM or Ctrl-C keeps the
+rows written so far and stops (exit 128 + the signal's number); the same command resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from edgecap.runtime.cli import add_model_arguments, captioner_kwargs
 from edgecap.runtime.console import run_main
 from edgecap.runtime.errors import EdgecapError
 
-from .cluster import connect, require
+from .cluster import Stop, add_cluster_arguments, check_model, connect, ignore_signals, require, stop_on_signals
 from .collection import image_paths
 from .outputs import open_output
 
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", metavar="N", type=int,
                    help="Captioner actors, each with --threads threads (default: the cluster's CPUs / --threads)")
     p.add_argument("--batch-size", metavar="B", type=int, default=16, help="images per actor call (default: 16)")
-    p.add_argument("--address", metavar="ADDR", help="Ray cluster to join: auto or HOST:PORT (default: a local one)")
+    add_cluster_arguments(p)
     return p
 
 
@@ -67,7 +68,7 @@ class CaptionActor:
         images, errors = {}, {}
         for path in batch["path"]:
             try:
-                images[path] = read_image(path)
+                images[path] = read_image(path, self.captioner.max_pixels)
             except DataError as e:
                 errors[path] = str(e)
         captions = dict(zip(images, self.captioner.caption_batch(list(images.values())))) if images else {}
@@ -85,9 +86,11 @@ def check_options(args: argparse.Namespace) -> None:
 
 def caption_batch(args: argparse.Namespace) -> int:
     """The command's body: 0 when every image was captioned, 1 when some rows are errors or some source named
-    nothing (each warned about)."""
+    nothing (each warned about), 128 + N when signal N stopped it. The model is opened here first: a bad one is a
+    one-line error before Ray starts or the output is touched."""
     check_options(args)
     captioner = captioner_kwargs(args, PROG)
+    check_model(captioner)
     unusable: list[str] = []
 
     def warn(line: str) -> None:
@@ -100,8 +103,13 @@ def caption_batch(args: argparse.Namespace) -> int:
         if len(todo) < len(paths):
             print(f"{PROG}: {len(paths) - len(todo)} of {len(paths)} images already in {args.output}; "
                   "captioning the rest", file=sys.stderr)
-        if todo:
-            run_pipeline(args, captioner, todo, output)
+        try:
+            if todo:
+                run_pipeline(args, captioner, todo, output)
+        except Stop as stop:
+            print(f"{PROG}: {stop.signal}: stopped with {output.written} new row(s) in {args.output}; the same "
+                  "command captions the rest", file=sys.stderr)
+            return 128 + stop.signum
         errors = output.errors
     return 1 if errors or unusable else 0
 
@@ -110,7 +118,8 @@ def run_pipeline(args: argparse.Namespace, captioner: dict, todo: list[str], out
     """Paths -> actor pool -> output rows, with a progress bar and a closing count."""
     tqdm = require("tqdm", PROG).tqdm
     data = require("ray.data", PROG)
-    connect(args.address, PROG)
+    connect(args.address, PROG, args.verbose)
+    stop_on_signals()  # after Ray's start, whose handlers it replaces
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # no execution plans and progress notices
     data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
     ray = require("ray", PROG)
@@ -121,9 +130,12 @@ def run_pipeline(args: argparse.Namespace, captioner: dict, todo: list[str], out
         batch_size=args.batch_size, batch_format="pandas", compute=data.ActorPoolStrategy(size=actors),
         num_cpus=args.threads)  # Ray Data restarts a dead actor and retries its batch
     start = time.perf_counter()
-    with tqdm(total=len(todo), unit="img", desc=PROG, file=sys.stderr) as bar:
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-            bar.update(output.write(batch.to_dict("records")))
+    try:
+        with tqdm(total=len(todo), unit="img", desc=PROG, file=sys.stderr) as bar:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+                bar.update(output.write(batch.to_dict("records")))
+    finally:
+        ignore_signals()  # from here on the command ends anyway (Ray's shutdown at exit is bounded)
     seconds = time.perf_counter() - start
     print(f"{PROG}: {output.written} rows written to {args.output} ({output.errors} unreadable) with {actors} "
           f"actor(s) in {seconds:.1f} s, {output.written / seconds:.1f} images/s", file=sys.stderr)

@@ -2,13 +2,15 @@
 
 Routes: `POST /v1/caption` (raw `image/*` bytes, or a multipart form with one or more files; optional `beams` and
 `max_length` query parameters), `GET /v1/model`, `GET /healthz`. Every error is `{"error": "<one line>"}` with
-its status: 400 undecodable image, 413 too large, 415 wrong content type, 422 bad parameters; 503 (with
-Retry-After) when the queue is full comes from Serve's backpressure before a request reaches a replica.
+its status: 400 undecodable image or form, 404 no such route, 405 wrong method, 413 too large, 415 wrong content
+type, 422 bad or unknown parameters, 503 (with Retry-After) when the replica holds its capacity or the service
+is stopping (the driver sets a flag in Ray's key-value store that every replica polls).
 """
 
 import asyncio
+import threading
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -16,14 +18,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from edgecap.runtime.captioner import Caption, Captioner
-from edgecap.runtime.errors import DataError, EdgecapError
+from edgecap.runtime.errors import DataError, EdgecapError, ImageTooLarge
 from edgecap.runtime.preprocess import decode_image
 from edgecap.runtime.search import SearchOptions
 
 MAX_BEAMS, MAX_LENGTH = 16, 100   # per-request search limits: a request cannot ask for unbounded work
 MULTIPART = "multipart/form-data"
+QUERY = ("beams", "max_length")   # the query parameters /v1/caption takes
+RETRY = {"Retry-After": "1"}      # on every 503: the condition is brief (a full queue, a replica going away)
+DRAINING = "edgecap/draining/"    # + the application's name: the internal-KV key set when the service stops
+DRAIN_POLL_S = 0.1                # how often a replica looks at that key
 
 app = FastAPI(title="edgecap", summary="Image captioning on ONNX Runtime, served by Ray Serve")
 
@@ -32,11 +39,19 @@ app = FastAPI(title="edgecap", summary="Image captioning on ONNX Runtime, served
 class HTTPError(Exception):
     status: int
     message: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @app.exception_handler(HTTPError)
 async def http_error(_: Request, e: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": e.message}, status_code=e.status)
+    return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+
+@app.exception_handler(HTTPException)
+async def routing_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Starlette's own answers (404 no such route, 405 wrong method) in the same shape."""
+    return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path}"}, status_code=e.status_code,
+                        headers=e.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -59,16 +74,22 @@ async def read_images(request: Request, max_bytes: int) -> list[tuple[str, bytes
         raise HTTPError(413, f"request body over the {max_bytes}-byte limit")
     if kind != MULTIPART:
         return [("request body", body)]
-    form = await request.form()
+    try:
+        form = await request.form()
+    except HTTPException as e:
+        raise HTTPError(400, f"not a readable {MULTIPART} body: {e.detail}") from None
     files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
     if not files:
         raise HTTPError(400, "the form has no image files")
     return files
 
 
-def decode(name: str, data: bytes) -> np.ndarray:
+def decode(name: str, data: bytes, max_pixels: int) -> np.ndarray:
+    """An uploaded image as RGB; 413 over the pixel budget, 400 when it cannot be captioned."""
     try:
-        return decode_image(data, name)
+        return decode_image(data, name, max_pixels)
+    except ImageTooLarge as e:
+        raise HTTPError(413, str(e)) from None
     except DataError as e:
         raise HTTPError(400, str(e)) from None
 
@@ -78,16 +99,37 @@ def decode(name: str, data: bytes) -> np.ndarray:
 class CaptionServer:
     """One Captioner per replica; concurrent requests' images are captioned together in dynamic batches."""
 
-    def __init__(self, captioner: dict, max_batch_size: int, batch_wait_ms: float, max_bytes: int) -> None:
-        """`captioner`: `Captioner.load` arguments; the rest as caption-serve's flags (whose defaults they are)."""
+    def __init__(self, captioner: dict, max_batch_size: int, batch_wait_ms: float, max_bytes: int,
+                 capacity: int) -> None:
+        """`captioner`: `Captioner.load` arguments; `capacity`: requests this replica holds at once before it
+        answers 503; the rest as caption-serve's flags (whose defaults they are)."""
         self.captioner = Captioner.load(**captioner)
         self.name = captioner["folder"].name
-        self.max_batch_size, self.max_bytes = max_batch_size, max_bytes
+        self.max_batch_size, self.max_bytes, self.capacity = max_batch_size, max_bytes, capacity
         self.caption_batched.set_max_batch_size(max_batch_size)
         self.caption_batched.set_batch_wait_timeout_s(batch_wait_ms / 1e3)
+        self.in_flight, self.draining = 0, False
+        key = DRAINING + serve.get_replica_context().app_name
+        threading.Thread(target=self.watch_drain, args=(key,), name="drain-flag", daemon=True).start()
+
+    def watch_drain(self, key: str) -> None:
+        """Poll the stop flag until caption-serve sets it; from then on every request gets 503."""
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        while not self.draining:
+            time.sleep(DRAIN_POLL_S)
+            self.draining = _internal_kv_get(key) is not None
+
+    def admit(self) -> None:
+        """503 + Retry-After while the service stops, or once the replica holds `capacity` requests."""
+        if self.draining:
+            raise HTTPError(503, "the service is shutting down", RETRY)
+        if self.in_flight >= self.capacity:
+            raise HTTPError(503, f"busy: {self.in_flight} requests are waiting on this replica", RETRY)
 
     @app.get("/healthz")
     def healthz(self) -> dict:
+        self.admit()
         return {"status": "ok"}
 
     @app.get("/v1/model")
@@ -102,10 +144,17 @@ class CaptionServer:
     async def caption(self, request: Request, beams: int | None = None, max_length: int | None = None) -> dict:
         """Caption every image of the request; each answer carries its batch's size and per-image timings."""
         start = time.perf_counter()
-        files = await read_images(request, self.max_bytes)
-        options = self.search_options(beams, max_length)
-        images = [decode(name, data) for name, data in files]
-        results = await asyncio.gather(*(self.caption_batched((rgb, options)) for rgb in images))
+        self.admit()
+        if unknown := sorted(set(request.query_params) - set(QUERY)):
+            raise HTTPError(422, f"unknown query parameter(s) {', '.join(unknown)}; /v1/caption takes {', '.join(QUERY)}")
+        self.in_flight += 1
+        try:
+            files = await read_images(request, self.max_bytes)
+            options = self.search_options(beams, max_length)
+            images = [decode(name, data, self.captioner.max_pixels) for name, data in files]
+            results = await asyncio.gather(*(self.caption_batched((rgb, options)) for rgb in images))
+        finally:
+            self.in_flight -= 1
         return {"model": self.name, "search": options.name, "total_ms": round((time.perf_counter() - start) * 1e3, 3),
                 "captions": [{"batch": batch, **caption.to_dict(batch)} for caption, batch in results]}
 

@@ -1,6 +1,7 @@
 """Where caption-batch rows go, written as they arrive so that a killed run loses at most what was in flight:
 a JSONL file (one row per line, flushed per batch) or a folder of Parquet parts (each written whole, then
-renamed into place). Opening an output reads which paths it already has, so a rerun skips them."""
+renamed into place). Opening an output reads which paths it already has, so a rerun skips them; nothing is
+created before the first row (a run that fails before it leaves no empty file)."""
 
 from __future__ import annotations
 
@@ -52,8 +53,7 @@ class JsonlOutput(Output):
         super().__init__()
         if path.exists():
             self.done = self.read(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.path, self.file = path, None
 
     @staticmethod
     def read(path: Path) -> set[str]:
@@ -74,11 +74,15 @@ class JsonlOutput(Output):
         return done
 
     def append(self, rows: list[dict]) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")
         self.file.writelines(json.dumps(r) + "\n" for r in rows)
         self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class ParquetOutput(Output):
@@ -88,7 +92,6 @@ class ParquetOutput(Output):
         super().__init__()
         if folder.exists() and not folder.is_dir():
             raise DataError(f"--format parquet writes a folder of parts, and {folder} is a file")
-        folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.pq = folder, pq
         parts = sorted(folder.glob("part-*.parquet"))
         for part in parts:
@@ -110,6 +113,7 @@ class ParquetOutput(Output):
         import pyarrow as pa
 
         if self.buffer:
+            self.folder.mkdir(parents=True, exist_ok=True)
             table = pa.Table.from_pylist([{"path": r["path"], "caption": r.get("caption"), "score": r.get("score"),
                                            "error": r.get("error")} for r in self.buffer])
             atomic_write(self.folder / f"part-{self.next:05d}.parquet", lambda f: self.pq.write_table(table, f))
