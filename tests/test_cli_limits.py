@@ -38,3 +38,11 @@ def test_caption_eval_names_the_flag(tmp_path, capsys, flags, expected):
 ])
 def test_export_onnx_names_the_flag(tmp_path, capsys, flags, expected):
     assert one_line(capsys, export_main, "export-onnx", str(tmp_path / "no.pt"), *flags) == expected
+
+
+def test_caption_eval_beams_that_are_no_numbers(capsys):
+    with pytest.raises(SystemExit) as exit:
+        eval_main(["--model", "m", "--data", "synthetic", "--beams", "1,x"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit.value.code == 2 and err == "caption-eval: error: argument --beams: expected comma-separated whole " \
+                                           "numbers, got '1,x'"

@@ -139,6 +139,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def beam_widths(text: str) -> list[int]:
+    """`1,3,5` -> [1, 3, 5] (--beams); argparse names the flag when this fails."""
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="caption-eval", description=__doc__)
     p.add_argument("--model", required=True, help="a checkpoint (.pt) or a model folder")
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
                    help="graphs of a model folder (default: the folder's best, fp32 where it has it)")
     p.add_argument("--device", metavar="{" + ",".join(DEVICES) + "}", help="(default: the engine's first, cpu)")
-    p.add_argument("--beams", type=lambda s: [int(b) for b in s.split(",")],
+    p.add_argument("--beams", metavar="K[,K...]", type=beam_widths,
                    help="comma-separated beam widths, 1 = greedy (default: 1 and the model's own)")
     p.add_argument("--max-length", type=int, help="most words per caption (default: the model's)")
     p.add_argument("--limit", metavar="N", type=int, help="first N images of the split (default: all)")
