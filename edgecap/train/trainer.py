@@ -71,6 +71,7 @@ class TrainConfig:
     amp: bool = True                   # autocast on CUDA
     workers: int = 0
     threads: int | None = None         # PyTorch threads (1 is fastest on a busy 2-core CPU)
+    force: bool = False                # a new run may replace the run already in `output`
 
     def __post_init__(self) -> None:
         """Fill in the data-dependent defaults; bad settings fail here, before any data is read."""
@@ -90,6 +91,12 @@ class TrainConfig:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
         if self.lr is None:
             self.lr = 1e-3 if self.optimizer == "adam" else 0.1
+        # recorded absolute, so that a resume from another working directory reads and writes the same places
+        self.output = str(Path(self.output).resolve())
+        if self.cache_dir is not None:
+            self.cache_dir = str(Path(self.cache_dir).resolve())
+        if self.data != "synthetic" and Path(self.data).exists():
+            self.data = str(Path(self.data).resolve())
 
     @classmethod
     def from_flat(cls, **settings: Any) -> "TrainConfig":
@@ -200,10 +207,40 @@ def _redo_epoch_writes(out: Path, ckpt: dict[str, Any]) -> None:
         atomic_write(log, lambda f: f.write(text.encode()))
 
 
+RUN_FILES = ("last.pt", "best.pt", LOG)
+
+
+def _claim_output(out: Path, ckpt: dict[str, Any] | None, resumed: Path | None, force: bool) -> None:
+    """Refuse to write into a folder that holds another run: a new run needs an empty one (or --force, which
+    clears it); a resume writes only where the file it resumes is that folder's own last.pt."""
+    last = out / "last.pt"
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if ckpt is None:
+        if held and not force:
+            raise ModelError(f"{out} already holds a run ({', '.join(held)}): resume it with --resume {last}, "
+                             "choose another --output, or pass --force to replace it")
+        for name in held:
+            (out / name).unlink()
+        return
+    if resumed is not None and last.exists() and last.samefile(resumed):
+        return
+    if not held:
+        return
+    if not last.exists():
+        raise ModelError(f"{out} holds {', '.join(held)} of a run without its last.pt; choose another --output")
+    epoch = load_checkpoint(last)["train_state"]["epoch"]
+    mine = ckpt["train_state"]["epoch"]
+    if epoch > mine:
+        raise ModelError(f"{last} is at epoch {epoch}, further along than the resumed checkpoint (epoch {mine}); "
+                         f"resume {last} instead, or pass --output NEW to branch off")
+    raise ModelError(f"{out} holds another run (its last.pt, epoch {epoch}, is not the file being resumed); "
+                     "pass --output NEW to continue there")
+
+
 def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train per `cfg`, resuming from a checkpoint (its path, or the loaded dict) when given; -> the last epoch's
-    log record."""
+    log record. Never writes into another run's folder (`_claim_output`)."""
     ctx = _context(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -218,7 +255,10 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         train_split = Head(train_split, cfg.train_limit)
     if len(train_split) == 0 or len(dev_split) == 0:
         raise DataError(f"need train and dev images; found {desc}")
-    ckpt = resume if isinstance(resume, dict) or resume is None else load_checkpoint(resume)
+    resumed = None if isinstance(resume, dict) or resume is None else Path(resume)
+    ckpt = load_checkpoint(resumed) if resumed is not None else resume
+    if ctx.main:
+        _claim_output(out, ckpt, resumed, cfg.force)
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"])
         mcfg = checkpoint_model_config(ckpt)
