@@ -5,6 +5,12 @@ a bounded overload run, and caption-batch against caption-run on the same folder
   python benchmarks/serve_load.py --images ../shared/flickr8k/images --requests 24 --ingress haproxy \
       --json benchmarks/results/serve-haproxy-cpu-2core.json --markdown benchmarks/results/serve-haproxy-cpu-2core.md
 
+With --kill-replica-at S it measures a crash instead: --replicas N under a bounded load (--kill-load), one replica
+SIGKILLed S seconds in; every answer's status and shape, connection resets, and how long until the deployment
+is back to N replicas; and the same 1-client latency pairing against caption-run first.
+
+  python benchmarks/serve_load.py --images ../shared/flickr8k/images --replicas 2 --kill-replica-at 3
+
 The latency baseline is what caption-run does per image of a live source: decode the JPEG, then caption it
 alone (`Captioner.caption(bytes)`), on the same model, threads and images, alternating with one client's
 requests. See benchmarks/README.md.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import platform
 import shlex
 import shutil
@@ -56,6 +63,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="the overload run (default: 500 requests from 32 clients)")
     p.add_argument("--overload-queue", type=int, default=8, help="--max-queued during the overload run (default: 8)")
     p.add_argument("--batch-images", type=int, default=200, help="folder size for caption-batch vs caption-run")
+    p.add_argument("--replicas", type=int, default=1, help="caption-serve --replicas (default: 1)")
+    p.add_argument("--kill-replica-at", type=float, metavar="S",
+                   help="measure a crash instead: SIGKILL one replica S seconds into the --kill-load run")
+    p.add_argument("--kill-load", type=int, nargs=2, default=(600, 8), metavar=("REQUESTS", "CLIENTS"),
+                   help="the crash run's load (default: 600 requests from 8 clients)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     return p.parse_args(argv)
@@ -136,6 +148,66 @@ def deploy(args: argparse.Namespace, name: str, flags: list[str]) -> str:
     return name
 
 
+def crash(url: str, name: str, jpegs: list[bytes], args: argparse.Namespace) -> dict:
+    """--kill-load requests (each client a keep-alive session); one replica SIGKILLed --kill-replica-at seconds
+    in. Each answer is counted by status and shape (JSON `{"error"}` or not); a request without an HTTP answer
+    is a reset (or a timeout). Recovery: from the kill until `name` runs --replicas live replicas again."""
+    total, clients = args.kill_load
+    outcomes: list[tuple[float, str]] = []  # (seconds since the load began, outcome)
+
+    def client(k: int) -> None:
+        with requests.Session() as session:
+            for i in range(k, total, clients):
+                try:
+                    r = session.post(f"{url}/v1/caption", data=jpegs[i % len(jpegs)], timeout=TIMEOUT,
+                                     headers={"Content-Type": "image/jpeg"})
+                    try:
+                        shape = "json" if r.ok or set(r.json()) == {"error"} else "other"
+                    except ValueError:
+                        shape = "not json"
+                    retry = " retry-after" if r.headers.get("Retry-After") else ""
+                    outcome = f"{r.status_code}" + ("" if r.ok else f" {shape}{retry}")
+                except requests.Timeout:
+                    outcome = "timeout"
+                except requests.ConnectionError:
+                    outcome = "reset"
+                outcomes.append((time.perf_counter() - t0, outcome))
+
+    victim = ray.get(next(caption_serve.replicas(name)).__ray_call__.remote(lambda _: os.getpid()))
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, k) for k in range(clients)]
+        time.sleep(args.kill_replica_at)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.perf_counter() - t0
+        recovered, down = None, False
+        while recovered is None and time.perf_counter() - t0 < killed + 120:
+            status = serve.status().applications[name].deployments["CaptionServer"]
+            healthy = status.status == "HEALTHY" and status.replica_states.get("RUNNING", 0) == args.replicas
+            down = down or not healthy
+            if down and healthy:
+                recovered = time.perf_counter() - t0 - killed
+            time.sleep(0.1)
+        for f in futures:
+            f.result()
+    counts: dict[str, int] = {}
+    for _, outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    after_kill = [o for t, o in outcomes if t >= killed]
+    failed = [round(t - killed, 2) for t, o in outcomes if o in ("reset", "timeout") or o.startswith("5")]
+    return {"requests": total, "clients": clients, "replicas": args.replicas, "killed_at_s": round(killed, 2),
+            "outcomes": dict(sorted(counts.items())), "resets": counts.get("reset", 0),
+            "non_json_errors": sum(n for o, n in counts.items() if "not json" in o or "other" in o),
+            "answered_after_kill": len(after_kill), "failures_s_after_kill": failed, "recovery_s": round(recovered, 2) if recovered is not None else None,
+            "seconds": round(max(t for t, _ in outcomes), 2)}
+
+
+def crash_report(args: argparse.Namespace, jpegs: list[bytes], captioner: Captioner, url: str) -> dict:
+    name = deploy(args, "crash", ["--replicas", str(args.replicas)])
+    base = paired(f"{url}/{name}", captioner, jpegs)
+    return {"baseline": base, "crash": crash(f"{url}/{name}", name, jpegs, args)}
+
+
 def timed(command: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
@@ -205,6 +277,18 @@ def main() -> None:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
+        if args.kill_replica_at is not None:
+            report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
+                      "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": load_average,
+                                  "versions": {"edgecap": edgecap.__version__, "ray": ray.__version__}},
+                      "settings": {"ingress": args.ingress, "threads": args.threads, "count": len(jpegs)},
+                      **crash_report(args, jpegs, captioner, url)}
+            ray.shutdown()
+            text = json.dumps(report, indent=1)
+            if args.json:
+                args.json.write_text(text + "\n")
+            print(text)
+            return
         results = {}
         for mode, batch in MODES.items():
             name = deploy(args, mode.replace(" ", "-"), ["--max-batch-size", str(batch)])

@@ -4,6 +4,8 @@ while the service stays healthy, and a drain that finishes the requests in fligh
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import threading
@@ -56,12 +58,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service():
-    """One local Ray (with the default ingress) and one caption-serve (bundled model, batches up to 8, 200 kB
-    limit) for the module; the environment start() sets for the ingress is restored after."""
+    """One local Ray (with the default ingress; 2 cores, 6 logical CPUs for the extra applications' one-thread
+    replicas) and one caption-serve (bundled model, batches up to 8, 200 kB limit) for the module; the
+    environment start() sets for the ingress is restored after."""
     with pytest.MonkeyPatch.context() as mp:
         for name, value in caption_serve.INGRESS[caption_serve.build_parser().get_default("ingress")].items():
             mp.setenv(name, value)
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(num_cpus=6, include_dashboard=False)
         args = caption_serve.build_parser().parse_args(
             ["--port", str(free_port()), "--threads", "1", "--max-bytes", "200000", "--batch-wait-ms", "20"])
         yield caption_serve.start(args)
@@ -158,7 +161,7 @@ def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jp
     refused = [r for r in answers if r.status_code == 503]
     assert all(r.headers.get("Retry-After") == "1" and r.json()["error"].startswith("busy: ") for r in refused)
     assert post(f"{url}/overload", jpegs[2]).status_code == 200
-    serve.delete("overload")
+    serve.delete("overload", _blocking=False)
 
 
 def test_a_drain_finishes_requests_in_flight_and_refuses_new_ones_with_503(service, jpegs):
@@ -184,14 +187,42 @@ def test_a_drain_finishes_requests_in_flight_and_refuses_new_ones_with_503(servi
     assert [r.status_code for r, _ in answers] == [200] * 4 and all(len(r.json()["captions"]) == 8 for r, _ in answers)
     left, finished = drained[0]
     assert left == 0 and finished > max(t for _, t in answers) - 0.25  # it waited for them (give or take a reply)
-    serve.delete("drain")
+    serve.delete("drain", _blocking=False)
+
+
+def test_a_killed_replica_loses_no_request(service, jpegs):
+    """Two replicas under a bounded load (96 requests from 4 clients, keep-alive); one is SIGKILLed a second in:
+    every request is answered, 200 (retried on the live replica) or 503 JSON + Retry-After; none is reset."""
+    url = f"{service}/crash"
+    serve.run(caption_serve.build({"threads": "1", "replicas": "2"}), name="crash", route_prefix="/crash")
+    victim = ray.get(next(caption_serve.replicas("crash")).__ray_call__.remote(lambda _: os.getpid()))
+
+    def client(k: int) -> list:
+        with requests.Session() as session:
+            answers = []
+            for i in range(k, 96, 4):
+                try:
+                    answers.append(post(url, jpegs[i % IMAGES], session=session))
+                except requests.ConnectionError as e:
+                    answers.append(e)
+            return answers
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client, k) for k in range(4)]
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        answers = [a for f in futures for a in f.result()]
+    assert not [a for a in answers if isinstance(a, Exception)]
+    assert {a.status_code for a in answers} <= {200, 503}, [a.text for a in answers if a.status_code not in (200, 503)]
+    assert all(a.headers.get("Retry-After") and set(a.json()) == {"error"} for a in answers if a.status_code == 503)
+    serve.delete("crash", _blocking=False)
 
 
 def test_a_bad_model_folder_is_one_line_before_ray_starts(tmp_path, capsys):
     t0 = time.monotonic()
     assert caption_serve.main(["--model", str(bad_model(tmp_path / "bad")), "--port", str(free_port())]) == 2
     assert time.monotonic() - t0 < 5  # no replica was started
-    [line] = capsys.readouterr().err.splitlines()
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "caption-serve" in line]  # not the Ray logs
     assert line.startswith("caption-serve: error: manifest: missing key(s) ['decoder'")
 
 

@@ -23,9 +23,8 @@ from starlette.exceptions import HTTPException
 from edgecap.runtime.captioner import Caption, Captioner
 from edgecap.runtime.errors import DataError, EdgecapError, ImageTooLarge
 from edgecap.runtime.preprocess import decode_image
-from edgecap.runtime.search import SearchOptions
+from edgecap.runtime.search import SearchOptions, check_limits
 
-MAX_BEAMS, MAX_LENGTH = 16, 100   # per-request search limits: a request cannot ask for unbounded work
 MULTIPART = "multipart/form-data"
 QUERY = ("beams", "max_length")   # the query parameters /v1/caption takes
 RETRY = {"Retry-After": "1"}      # on every 503: the condition is brief (a full queue, a replica going away)
@@ -160,14 +159,11 @@ class CaptionServer:
 
     def search_options(self, beams: int | None, max_length: int | None) -> SearchOptions:
         """The replica's search defaults with the request's overrides; 422 when out of range."""
-        if beams is not None and not 1 <= beams <= MAX_BEAMS:
-            raise HTTPError(422, f"beams must be between 1 and {MAX_BEAMS}, got {beams}")
-        if max_length is not None and not 1 <= max_length <= MAX_LENGTH:
-            raise HTTPError(422, f"max_length must be between 1 and {MAX_LENGTH}, got {max_length}")
         overrides = {k: v for k, v in (("num_beams", beams), ("max_length", max_length)) if v is not None}
         if not overrides:
             return self.captioner.options
         try:
+            check_limits(beams, max_length, QUERY)
             return SearchOptions.from_dict({**self.captioner.options.to_dict(), **overrides})
         except (ValueError, EdgecapError) as e:
             raise HTTPError(422, str(e)) from None

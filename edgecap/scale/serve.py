@@ -24,10 +24,17 @@ from .cluster import Stop, add_cluster_arguments, check_model, connect, ignore_s
 
 PROG = "caption-serve"
 APP = "edgecap"
+# HAProxy retries a request whose replica died on another (captioning is idempotent): on a refused connection,
+# and on a connection closed with no answer or a broken one; 6 tries outlast its mark-down of a server after 3
+# errors, so that with one replica the last ones reach Serve's fallback proxy, which holds them until the
+# replacement replica is up. A request is retried only when it fits HAProxy's buffer (1 MiB here, 16 kB by default).
+HAPROXY_RETRIES = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+                   "RAY_SERVE_HAPROXY_RETRIES": "6", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 20)}
 # --ingress -> the environment a Ray instance needs for it (set before the instance starts; a cluster's nodes
-# need it when they start: `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`)
-INGRESS = {name: {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_ENABLE_DIRECT_INGRESS": on}
-           for name, on in (("proxy", "0"), ("haproxy", "1"))}
+# need it when they start: `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`, and
+# the HAPROXY_RETRIES settings)
+INGRESS = {"proxy": {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+           "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", **HAPROXY_RETRIES}}
 
 
 def build_parser() -> argparse.ArgumentParser:
