@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from edgecap.runtime import cli, sources
-from edgecap.runtime.captioner import Captioner
+from edgecap.runtime.captioner import BUNDLED, Captioner
 from edgecap.runtime.cli import main
 from edgecap.runtime.manifest import Manifest
 from edgecap.runtime.search import SearchOptions, search
@@ -317,3 +318,112 @@ def test_installed_script_and_no_torch(exported, scenes):
     done = subprocess.run([sys.executable, "-c", probe, "--model", exported["plain"], "--quiet", image],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# ---- issue 19, item 8: no silent garbage, no raw errors (the bundled model: no training needed) -------------
+
+def caption_run_process(*argv, **kwargs) -> subprocess.Popen:
+    """caption-run in a fresh process, as a shell runs it (no OpenCV / FFmpeg log settings inherited)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    return subprocess.Popen([sys.executable, "-m", "edgecap.runtime.cli", *map(str, argv)], env=env, **kwargs)
+
+
+def test_names_with_newlines_and_tabs_stay_on_their_line(scenes, tmp_path, capsys):
+    for name in ("new\nline.png", "tab\there.png", "back\\slash.png"):
+        (tmp_path / name).write_bytes((scenes / "scene0.png").read_bytes())
+    (tmp_path / "gone\n.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    code, out, err = run(capsys, "--model", BUNDLED, "--quiet", tmp_path)
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert [len(r) for r in rows] == [2, 2, 2] and len({text for _, text in rows}) == 1
+    assert [src for src, _ in rows] == [f"{tmp_path}/back\\\\slash.png", f"{tmp_path}/new\\nline.png",
+                                        f"{tmp_path}/tab\\there.png"]
+    assert code == 1 and err == f"caption-run: warning: dangling symbolic link: {tmp_path}/gone\\n.jpg -> " \
+                                f"{tmp_path}/nowhere.jpg (its target does not exist)\n"
+
+
+def test_subfolders_by_default_top_level_on_request(scenes, tmp_path, capsys):
+    (tmp_path / "album" / "2024").mkdir(parents=True)
+    for name in ("top.png", "album/a.png", "album/2024/b.png"):
+        (tmp_path / name).write_bytes((scenes / "scene1.png").read_bytes())
+    (tmp_path / "album" / "back").symlink_to(tmp_path)
+    code, out, err = run(capsys, "--model", BUNDLED, "--quiet", tmp_path)
+    assert [line.split("\t")[0] for line in out.splitlines()] == \
+        [str(tmp_path / n) for n in ("album/2024/b.png", "album/a.png", "top.png")]
+    assert code == 1 and err.count("\n") == 1 and "symbolic link loop: " in err and "(not followed)" in err
+    code, out, err = run(capsys, "--model", BUNDLED, "--quiet", "--no-recursive", tmp_path)
+    assert (code, [line.split("\t")[0] for line in out.splitlines()], err) == (0, [str(tmp_path / "top.png")], "")
+
+
+def test_video_without_frames_warns(tmp_path, capsys):
+    empty = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (112, 112)).release()
+    code, out, err = run(capsys, "--model", BUNDLED, "--quiet", empty)
+    assert (code, out) == (1, "") and err == f"caption-run: warning: no frames in video {empty} (empty, or none " \
+                                             "decodable)\n"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--beams", "17"], "--beams must be between 1 and 16, got 17"),
+    (["--beams", "0"], "--beams must be between 1 and 16, got 0"),
+    (["--max-length", "101"], "--max-length must be between 1 and 100, got 101"),
+    (["--max-length", "1"], "--max-length must be more than 1, the model's fewest words before a caption may end"),
+    (["--n-best", "4"], "--n-best must be between 1 and 3 (the model's default beam width; raise it with --beams)"),
+    (["--beams", "2", "--n-best", "3"], "--n-best must be between 1 and 2 (--beams), got 3"),
+    (["--length-penalty", "nan"], "--length-penalty must be a finite number, got nan"),
+    (["--every", "0"], "--every must be at least 1, got 0"),
+    (["--max-fps", "0"], "--max-fps must be more than 0, got 0.0"),
+])
+def test_errors_name_flags_and_the_servers_limits(scenes, capsys, flags, expected):
+    err = one_line_error(*run(capsys, "--model", BUNDLED, *flags, scenes / "scene0.png")[::2])
+    assert expected in err and "num_" not in err and "min_length" not in err
+
+
+def test_not_found_only_for_what_does_not_exist(scenes, tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.png")
+    err = one_line_error(*run(capsys, "--model", BUNDLED, tmp_path / "pipe.png")[::2])
+    assert err == f"caption-run: error: not an image or video file: {tmp_path / 'pipe.png'} is a FIFO (named pipe)\n"
+    err = one_line_error(*run(capsys, "--model", scenes / "scene0.png", scenes)[::2])
+    assert "scene0.png is a file, not a model folder" in err and "not found" not in err
+
+
+def test_could_not_write_says_why(scenes, tmp_path, capsys):
+    (tmp_path / "out" / "scene0.jpg").mkdir(parents=True)  # where the annotated image would go
+    err = one_line_error(*run(capsys, "--model", BUNDLED, "--quiet", "--save", tmp_path / "out",
+                              scenes / "scene0.png")[::2])
+    assert err == f"caption-run: error: could not write image {tmp_path / 'out' / 'scene0.jpg'}: Is a directory\n"
+    (tmp_path / "file").write_text("")
+    err = one_line_error(*run(capsys, "--model", BUNDLED, "--save", tmp_path / "file", scenes)[::2])
+    assert err == f"caption-run: error: could not create --save folder {tmp_path / 'file'}: File exists\n"
+
+
+def test_native_log_lines_do_not_precede_ours(scenes, tmp_path):
+    (tmp_path / "junk.mp4").write_bytes(b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 8)  # FFmpeg: no moov atom
+    ok, png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    data = bytearray(png.tobytes())
+    data[60] ^= 0xFF  # inside the first IDAT chunk: libpng's CRC error
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    proc = caption_run_process("--model", BUNDLED, "--quiet", scenes / "scene0.png", tmp_path / "junk.mp4",
+                               tmp_path / "bad.png", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and len(out.splitlines()) == 1
+    lines = err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("caption-run: warning: ") for line in lines), err
+    assert "cannot open video" in lines[0] and lines[1].endswith("(libpng error: IDAT: CRC error)")
+
+
+def test_broken_pipe_ends_quietly(scenes):
+    proc = caption_run_process("--model", BUNDLED, "--batch", 1, "--quiet", *[scenes / "scene0.png"] * 300,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(str(scenes).encode())
+    proc.stdout.close()  # `| head -1`
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=120), err) == (141, "")  # 128 + SIGPIPE, as a shell reports `... | head -1`
+
+
+def test_dash_reads_one_image_from_stdin(scenes):
+    image = (scenes / "scene2.png").read_bytes()
+    proc = caption_run_process("--model", BUNDLED, "--quiet", "-", scenes / "scene2.png",
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(image, timeout=120)
+    rows = [line.split("\t") for line in out.decode().splitlines()]
+    assert proc.returncode == 0 and err == b"" and rows[0][0] == "<stdin>" and rows[0][1] == rows[1][1]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from edgecap.runtime import sources
 from edgecap.runtime.errors import DataError
@@ -16,7 +21,7 @@ from edgecap.runtime.sources import LiveCapture, csi_pipeline, open_source
 
 
 def write_image(path: Path, bgr: tuple[int, int, int]) -> None:
-    cv2.imwrite(str(path), np.full((8, 8, 3), bgr, np.uint8))
+    cv2.imwrite(str(path), np.full((16, 16, 3), bgr, np.uint8))
 
 
 def frame_number(frame: sources.Frame) -> int:
@@ -230,3 +235,88 @@ def test_csi_pipeline() -> None:
     assert "nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR" in pipeline
     assert pipeline.endswith("appsink drop=1 max-buffers=1")
     assert "width=1280,height=720,framerate=30/1" in csi_pipeline(0)
+
+
+# ---- issue 19, item 8: subfolders, links, special files, empty videos, formats, native log lines, stdin ------
+
+@pytest.fixture
+def tree(folder: Path) -> Path:
+    """`folder` plus sub/d.png, sub/deeper/e.png, a dangling link, a link loop and a link back up to the top."""
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    write_image(folder / "sub" / "d.png", (0, 255, 0))
+    write_image(folder / "sub" / "deeper" / "e.png", (0, 255, 0))
+    (folder / "gone.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "sub" / "up").symlink_to(folder)
+    return folder
+
+
+def test_folder_recurses_unless_told_not_to_and_says_why_links_are_unreadable(tree: Path) -> None:
+    frames = {str(Path(f.source).relative_to(tree)): f for f in open_source(str(tree))}
+    assert list(frames) == ["a.png", "b.png", "c.jpg", "gone.jpg", "loop.png", "sub/d.png", "sub/deeper/e.png",
+                            "sub/up"]
+    assert frames["sub/deeper/e.png"].rgb[0, 0].tolist() == [0, 255, 0]
+    assert frames["gone.jpg"].error == f"dangling symbolic link: {tree / 'gone.jpg'} -> {tree / 'nowhere.jpg'} " \
+                                       "(its target does not exist)"
+    assert frames["loop.png"].error == f"symbolic link loop: {tree / 'loop.png'} -> {tree / 'loop.png'}"
+    assert frames["sub/up"].error.startswith(f"symbolic link loop: {tree / 'sub' / 'up'} -> {tree} leads back")
+    top = [Path(f.source).name for f in open_source(str(tree), recursive=False)]
+    assert top == ["a.png", "b.png", "c.jpg", "gone.jpg", "loop.png"]
+    with pytest.raises(DataError, match="^dangling symbolic link: .*gone.jpg"):
+        open_source(str(tree / "gone.jpg"))
+    assert [Path(f.source).name for f in open_source(str(tree / "**" / "*.png"))] == \
+        ["a.png", "b.png", "loop.png", "d.png", "e.png"]  # a glob's ** reaches into subfolders too
+
+
+def test_special_files_are_not_said_to_be_missing(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(DataError, match=r"^not an image or video file: .*pipe.jpg is a FIFO \(named pipe\)$"):
+        open_source(str(tmp_path / "pipe.jpg"))
+
+
+def test_video_without_frames_is_an_error_frame(tmp_path: Path) -> None:
+    path = tmp_path / "empty.avi"
+    cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (32, 32)).release()
+    with open_source(str(path)) as src:
+        assert [(f.rgb, f.error) for f in src] == [(None, f"no frames in video {path} (empty, or none decodable)")]
+
+
+@pytest.mark.parametrize("ext", [".gif", ".jp2", ".avif", ".ppm", ".pgm", ".jpe"])
+def test_formats_opencv_decodes_are_read(tmp_path: Path, ext: str) -> None:
+    first, second = (Image.fromarray(np.full((32, 32, 3), rgb, np.uint8)) for rgb in [(200, 0, 0), (0, 0, 200)])
+    animation = {"save_all": True, "append_images": [second]} if ext == ".gif" else {}
+    first.convert("L" if ext == ".pgm" else "RGB").save(tmp_path / f"x{ext}", **animation)
+    [frame] = open_source(str(tmp_path))  # listed in a folder, and read
+    assert frame.error is None and frame.rgb.shape == (32, 32, 3)
+    if ext == ".gif":  # an animation: its first frame
+        assert frame.rgb[0, 0].tolist() == [200, 0, 0]
+
+
+def test_native_library_messages_join_our_line(tmp_path: Path, capfd) -> None:
+    ok, png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    data = bytearray(png.tobytes())
+    data[60] ^= 0xFF  # inside the first IDAT chunk: its CRC no longer matches
+    (tmp_path / "bad.png").write_bytes(bytes(data))
+    capfd.readouterr()
+    [frame] = open_source(str(tmp_path / "bad.png"))
+    assert frame.rgb is None and frame.error.endswith("(libpng error: IDAT: CRC error)")
+    assert capfd.readouterr().err == ""  # not printed ahead of the command's own warning
+
+
+def test_quiet_opencv_keeps_ffmpeg_off_stderr(tmp_path: Path) -> None:
+    (tmp_path / "junk.mp4").write_bytes(b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 8)
+    code = ("import sys; from edgecap.runtime import sources; sources.quiet_opencv()\n"
+            "try:\n    sources.open_source(sys.argv[1])\nexcept sources.DataError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "junk.mp4")], capture_output=True, text=True,
+                          timeout=60, env={k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")})
+    assert done.stdout.startswith("cannot open video") and done.stderr == ""
+
+
+def test_stdin_is_one_image(monkeypatch) -> None:
+    ok, png = cv2.imencode(".png", np.full((16, 16, 3), (255, 0, 0), np.uint8))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(png.tobytes())))
+    [frame] = open_source("-")
+    assert frame.source == "<stdin>" and frame.rgb[0, 0].tolist() == [0, 0, 255]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    [frame] = open_source("-")
+    assert frame.rgb is None and frame.error == "not a readable image: standard input (empty)"

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from .captioner import Captioner, model_dir
+from .captioner import Captioner, as_rgb, model_dir
 from .console import run_main
 from .errors import ModelError
 from .manifest import PRECISIONS
-from .preprocess import read_rgb
+from .preprocess import MAX_PIXELS
 from .render import attention_figure, save_rgb
 
 
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
                    help="graphs to run (default: the folder's best)")
     p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
+    p.add_argument("--max-pixels", metavar="P", type=int, default=MAX_PIXELS,
+                   help=f"refuse larger images before decoding them (default: {MAX_PIXELS:,})")
     p.add_argument("-o", "--output", type=Path,
                    help="PNG to write (default: beside the image, IMAGE.attention.png)")
     args = p.parse_args(argv)
@@ -28,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         search = {} if args.beams is None else {"num_beams": args.beams}
         folder = model_dir(args.model, say=lambda line: print(f"caption-attend: {line}", file=sys.stderr))
-        cap = Captioner.load(folder, precision=args.precision, **search)
+        cap = Captioner.load(folder, precision=args.precision, max_pixels=args.max_pixels, **search)
         if cap.manifest.decoder != "attention":
             raise ModelError(f"{folder} holds a {cap.manifest.decoder} model; attention maps need an "
                              "attention model")
-        rgb = read_rgb(args.image)
+        rgb = as_rgb(args.image, cap.max_pixels)
         result = cap.caption(rgb)
         out = args.output or Path(args.image).with_suffix(".attention.png")
         save_rgb(out, attention_figure(rgb, result.words, result.attention))

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .decode import decode
-from .engine import Engine
+from .engine import Arrays, Engine
 from .engines import RUNTIME_ENGINES, check_choices, make_engine
 from .errors import DataError
 from .manifest import Manifest
-from .preprocess import decode_image, read_rgb
+from .preprocess import MAX_PIXELS, check_size, decode_image, read_rgb
 from .search import Hypothesis, SearchOptions
 
 CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
@@ -57,8 +57,9 @@ class Caption:
         return record
 
 
-def as_rgb(x: object) -> np.ndarray:
-    """What `caption` accepts, as RGB uint8 HxWx3: a path, encoded bytes or a binary file, or an array.
+def as_rgb(x: object, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """What `caption` accepts, as RGB uint8 HxWx3: a path, encoded bytes or a binary file, or an array. Encoded
+    images over `max_pixels` are refused before decoding, any image with a side under 16 px after (`check_size`).
 
     An array is RGB HxWx3, grey HxW or HxWx1, or RGBA HxWx4 (alpha dropped). uint8 values are used as they are,
     uint16 ones scaled to 8 bits (the high byte); float arrays whose values all lie within [0, 1] are scaled by
@@ -66,13 +67,14 @@ def as_rgb(x: object) -> np.ndarray:
     (bool, int32, ...) are refused too: every refusal is a DataError.
     """
     if isinstance(x, (str, Path)):
-        return read_rgb(x)
+        return read_rgb(x, max_pixels)
     if isinstance(x, (bytes, bytearray, memoryview)) or hasattr(x, "read"):
-        return decode_image(x)
+        return decode_image(x, max_pixels=max_pixels)
     if not isinstance(x, np.ndarray):
         raise DataError(f"expected an image path, encoded bytes or an RGB array, got {type(x).__name__}")
     if 0 in x.shape or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in CHANNELS):
         raise DataError(f"expected an RGB HxWx3 array (or grey HxW, HxWx1, RGBA HxWx4), got shape {x.shape}")
+    check_size(x.shape[1], x.shape[0], f"the {x.shape[0]}x{x.shape[1]} image array", max_pixels)
     x = _as_uint8(x)
     if x.ndim == 2 or x.shape[2] == 1:
         return np.repeat(x.reshape(*x.shape[:2], 1), 3, axis=2)
@@ -98,42 +100,64 @@ def _as_uint8(x: np.ndarray) -> np.ndarray:
 class Captioner:
     """A model folder plus an engine plus search defaults."""
 
-    def __init__(self, manifest: Manifest, engine: Engine, options: SearchOptions, precision: str = "fp32"):
+    def __init__(self, manifest: Manifest, engine: Engine, options: SearchOptions, precision: str = "fp32",
+                 max_pixels: int = MAX_PIXELS):
         self.manifest, self.engine, self.options, self.precision = manifest, engine, options, precision
+        self.max_pixels = max_pixels  # images over it are refused before decoding (ImageTooLarge)
         self.vocab = manifest.vocabulary
         self.preprocess = manifest.preprocessing
 
     @classmethod
     def load(cls, folder: str | Path | None = None, engine: str = "ort", precision: str | None = None,
-             device: str | None = None, threads: int | None = None, **search: object) -> "Captioner":
+             device: str | None = None, threads: int | None = None, max_pixels: int = MAX_PIXELS,
+             **search: object) -> "Captioner":
         """A model folder (default: `model_dir(None)`, i.e. the bundled model when nothing else is set) on a
-        runtime engine at `precision` (default: the folder's best, fp32 where it has it)."""
+        runtime engine at `precision` (default: the folder's best, fp32 where it has it); encoded images over
+        `max_pixels` are refused before decoding."""
         check_choices(engine, device, precision, RUNTIME_ENGINES)
+        if max_pixels < 1:
+            raise DataError(f"--max-pixels must be at least 1, got {max_pixels}")
         folder = model_dir(folder)
         manifest = Manifest.load(folder)
         options = SearchOptions.from_dict({**manifest.search.to_dict(), **search})
         precision = precision or manifest.default_precision
         return cls(manifest, make_engine(engine, folder, precision, device, threads, manifest=manifest), options,
-                   precision)
+                   precision, max_pixels)
 
     def caption(self, x, options: SearchOptions | None = None) -> Caption | list[Caption]:
         """An image (see `as_rgb`) -> Caption; a list of them -> list of Captions (one batch)."""
         if isinstance(x, (list, tuple)):
             if not x:
                 raise DataError("caption() got an empty list of images")
-            return self.caption_batch([as_rgb(i) for i in x], options)
-        return self.caption_batch([as_rgb(x)], options)[0]
+            return self.caption_batch([as_rgb(i, self.max_pixels) for i in x], options)
+        return self.caption_batch([as_rgb(x, self.max_pixels)], options)[0]
 
     def caption_batch(self, images: list[np.ndarray], options: SearchOptions | None = None) -> list[Caption]:
         """Caption RGB uint8 images in one batch; each Caption carries the batch's stage timings."""
-        opts = options or self.options
+        started = time.perf_counter()
+        features, timings = self.encode(images)
+        return self.describe(features, timings, options, started)
+
+    def encode(self, images: list[np.ndarray]) -> tuple[Arrays, dict[str, float]]:
+        """RGB uint8 images -> the encoder's features ({"regions", "pooled"}) and the stage timings so far."""
         t0 = time.perf_counter()
         tensor = self.preprocess.batch(images)
-        timings = {"preprocess_ms": (time.perf_counter() - t0) * 1e3}
-        results = decode(self.engine, tensor, opts, timings=timings)
+        t1 = time.perf_counter()
+        features = self.engine.encode(tensor)
+        return features, {"preprocess_ms": (t1 - t0) * 1e3, "encoder_ms": (time.perf_counter() - t1) * 1e3}
+
+    def describe(self, features: Arrays, timings: dict[str, float] | None = None,
+                 options: SearchOptions | None = None, started: float | None = None) -> list[Caption]:
+        """Encoder features (`encode`) -> Captions, with `timings` and the decoder's; `total_ms` runs from
+        `started` (a `time.perf_counter()`; default: the sum of the stages)."""
+        timings = {"preprocess_ms": 0.0, "encoder_ms": 0.0, **(timings or {})}
+        t0 = time.perf_counter()
+        results = decode(self.engine, None, options or self.options, features=features)
+        timings["decoder_ms"] = (time.perf_counter() - t0) * 1e3
         words = max(1, max(len(h[0].tokens) + 1 for h in results))
         timings["decoder_per_word_ms"] = timings["decoder_ms"] / words
-        timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+        timings["total_ms"] = ((time.perf_counter() - started) * 1e3 if started is not None else
+                               timings["preprocess_ms"] + timings["encoder_ms"] + timings["decoder_ms"])
         return [self._caption(hyps, timings) for hyps in results]
 
     def _caption(self, hyps: list[Hypothesis], timings: dict[str, float]) -> Caption:

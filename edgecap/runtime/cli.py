@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -23,9 +24,11 @@ from .captioner import Caption, Captioner, model_dir
 from .console import run_main
 from .engines import BACKENDS, DEVICES, RUNTIME_ENGINES, check_choices
 from .errors import DataError, EdgecapError, ModelError
-from .manifest import PRECISIONS
+from .manifest import PRECISIONS, Manifest
+from .preprocess import MAX_PIXELS
 from .render import attention_figure, draw_caption, save_rgb
-from .sources import Frame, Source, open_source
+from .search import check_limits
+from .sources import Frame, Source, open_source, quiet_opencv
 from .timing import TimingStats
 
 PROG = "caption-run"
@@ -33,6 +36,9 @@ SEARCH_FLAGS = {"beams": "num_beams", "max_length": "max_length", "length_penalt
                 "n_best": "num_return_sequences"}  # flag -> SearchOptions field; unset flags keep the manifest's
 STAGES = ("preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms")
 QUIT_KEYS = (ord("q"), 27)  # q, ESC
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool that a closed pipe ended
+ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                         **{chr(c): f"\\x{c:02x}" for c in [*range(32), 127] if chr(c) not in "\n\t\r"}})
 
 
 def add_model_arguments(p: argparse.ArgumentParser, threads: int | None = None) -> None:
@@ -54,13 +60,20 @@ def add_model_arguments(p: argparse.ArgumentParser, threads: int | None = None) 
     p.add_argument("--n-best", metavar="N", type=int, help="also give the N best captions (N <= --beams)")
     p.add_argument("--threads", metavar="N", type=int, default=threads,
                    help=f"ONNX Runtime threads (default: {threads or 'all cores'})")
+    p.add_argument("--max-pixels", metavar="P", type=int, default=MAX_PIXELS,
+                   help=f"refuse images with more pixels, read from the file's header before decoding "
+                        f"(default: {MAX_PIXELS:,})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="image, folder, glob, video file, cameraN, csi://N, or rtsp:// / http(s):// stream")
+                   help="image, folder, glob, video file, cameraN, csi://N, rtsp:// / http(s):// stream, or - "
+                        "(one image on standard input)")
     add_model_arguments(p)
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="caption the images in a folder's subfolders too (default); --no-recursive: its top level "
+                        "only")
     p.add_argument("--batch", metavar="N", type=int, default=8, help="images per batch for file sources (default: 8)")
     p.add_argument("--every", metavar="N", type=int, default=1, help="caption every N-th frame of a video (default: 1)")
     p.add_argument("--max-fps", metavar="F", type=float, help="caption at most F frames per second")
@@ -79,19 +92,43 @@ def captioner_kwargs(args: argparse.Namespace, prog: str) -> dict:
     check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
     if args.threads is not None and args.threads < 1:
         raise EdgecapError(f"--threads must be at least 1, got {args.threads}")
+    if args.max_pixels < 1:
+        raise EdgecapError(f"--max-pixels must be at least 1, got {args.max_pixels}")
     folder = model_dir(args.model, say=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+    if folder.exists() and not folder.is_dir():
+        raise ModelError(f"{folder} is a file, not a model folder (the folder export-onnx writes)")
     if not folder.is_dir():
         raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
                          "then pass --model or set $EDGECAP_MODEL)")
-    search = {field: v for flag, field in SEARCH_FLAGS.items() if (v := getattr(args, flag)) is not None}
     return {"folder": folder, "engine": args.engine, "precision": args.precision, "device": args.device,
-            "threads": args.threads, **search}
+            "threads": args.threads, "max_pixels": args.max_pixels, **search_overrides(args, folder)}
+
+
+def search_overrides(args: argparse.Namespace, folder: Path) -> dict:
+    """The typed search flags as SearchOptions fields over the model's defaults, each checked against the limits
+    the server keeps too and against those defaults: a bad value is refused naming its flag, before the load."""
+    check_limits(args.beams, args.max_length)
+    model = Manifest.load(folder, check_files=False).search
+    beams = model.num_beams if args.beams is None else args.beams
+    if args.n_best is not None and not 1 <= args.n_best <= beams:
+        width = "--beams" if args.beams is not None else "the model's default beam width; raise it with --beams"
+        raise EdgecapError(f"--n-best must be between 1 and {beams} ({width}), got {args.n_best}")
+    if args.max_length is not None and args.max_length <= model.min_length:
+        raise EdgecapError(f"--max-length must be more than {model.min_length}, the model's fewest words before "
+                           f"a caption may end, got {args.max_length}")
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        raise EdgecapError(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    return {field: v for flag, field in SEARCH_FLAGS.items() if (v := getattr(args, flag)) is not None}
 
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuse bad option values before the (slow) model load."""
     if args.batch < 1:
         raise EdgecapError(f"--batch must be at least 1, got {args.batch}")
+    if args.every < 1:
+        raise EdgecapError(f"--every must be at least 1, got {args.every}")
+    if args.max_fps is not None and not args.max_fps > 0:
+        raise EdgecapError(f"--max-fps must be more than 0, got {args.max_fps}")
     if args.attention and args.save is None:
         raise EdgecapError("--attention writes figures next to the captioned images: add --save DIR")
     if args.show:
@@ -126,14 +163,17 @@ class Output:
         self.json, self.save, self.attention, self.show = args.json, args.save, args.attention, args.show
         self.names: set[str] = set()
         if self.save is not None:
-            self.save.mkdir(parents=True, exist_ok=True)
+            try:
+                self.save.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise EdgecapError(f"could not create --save folder {self.save}: {e.strerror}") from None
 
     def __call__(self, frame: Frame, caption: Caption, batch: int) -> bool:
         """Emit one result; False once the user has closed the window."""
         if self.json:
             print(json.dumps({"source": frame.source, "batch": batch, **caption.to_dict(batch)}), flush=True)
         else:
-            print(f"{frame.source}\t{caption.text}", flush=True)
+            print(f"{escape(frame.source)}\t{caption.text}", flush=True)
         if self.save is None and not self.show:
             return True
         annotated = draw_caption(frame.rgb, caption.text)
@@ -161,6 +201,16 @@ class Output:
         return name
 
 
+def escape(text: str) -> str:
+    """Text with backslashes and control characters escaped as Python writes them (`\\n`, `\\t`, `\\x1b`): a
+    file name holding a newline or a tab stays on its one line and its one column."""
+    return text.translate(ESCAPES)
+
+
+def warn(line: str) -> None:
+    print(f"{PROG}: warning: {escape(line)}", file=sys.stderr)
+
+
 def batches(sources: list[Source], size: int) -> Iterator[list[Frame]]:
     """Frames in lists of `size` for file sources, one at a time (the newest) for live sources."""
     for source in sources:
@@ -173,7 +223,7 @@ def readable(frames: list[Frame], stats: TimingStats) -> list[Frame]:
     """The frames that have an image; the others are warned about and counted as failures."""
     for frame in frames:
         if frame.rgb is None:
-            print(f"{PROG}: warning: {frame.error}", file=sys.stderr)
+            warn(frame.error)
             stats.failures += 1
     return [f for f in frames if f.rgb is not None]
 
@@ -184,20 +234,22 @@ def open_sources(args: argparse.Namespace, stack: ExitStack, stats: TimingStats)
     sources, errors = [], []
     for uri in args.sources:
         try:
-            sources.append(stack.enter_context(open_source(uri, args.every, args.max_fps)))
+            sources.append(stack.enter_context(open_source(uri, args.every, args.max_fps, max_pixels=args.max_pixels,
+                                                           recursive=args.recursive)))
         except DataError as e:
             errors.append(e)
     if not sources:
-        raise errors[0]
+        raise DataError(escape(str(errors[0])))
     for e in errors:
-        print(f"{PROG}: warning: {e}", file=sys.stderr)
+        warn(str(e))
         stats.failures += 1
     return sources
 
 
 def caption_run(args: argparse.Namespace) -> int:
-    """The command's body: 0 when every input was captioned, 1 when some could not be read."""
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our one-line errors say it instead
+    """The command's body: 0 when every input was captioned, 1 when some could not be read, EXIT_BROKEN_PIPE
+    (quietly) when whatever read standard output stopped reading."""
+    quiet_opencv()  # our one-line errors say it instead
     check_options(args)
     captioner = load_captioner(args)
     with ExitStack() as stack:
@@ -216,7 +268,10 @@ def caption_run(args: argparse.Namespace) -> int:
                 stats.add(timings, len(frames))
                 if not going:
                     break
-        finally:  # also on Ctrl-C or a dropped stream: the report so far
+        except BrokenPipeError:  # `caption-run ... | head -1`: stop as quietly as other Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush at exit too
+            return EXIT_BROKEN_PIPE
+        finally:  # also on Ctrl-C, a dropped stream or a closed pipe: the report so far
             if args.show:
                 cv2.destroyAllWindows()
             if not args.quiet:

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import difflib
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
-from .errors import EdgecapError
+from .errors import EdgecapError, ImageWarning
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 def run_main(main: Callable[[], int | None], prog: str) -> int:
-    """Run a command's body; EdgecapError/ValueError/OSError print `prog: error: ...` and exit 2."""
+    """Run a command's body; EdgecapError/ValueError/OSError print `prog: error: ...` and exit 2, and an
+    ImageWarning prints `prog: warning: ...`."""
+    def warning_line(message, category, *_: object, **__: object) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
     try:
-        return main() or 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", ImageWarning)
+            warnings.showwarning = warning_line
+            return main() or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

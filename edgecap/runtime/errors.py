@@ -11,3 +11,11 @@ class ModelError(EdgecapError):
 
 class DataError(EdgecapError):
     """A data set, image or source cannot be read."""
+
+
+class ImageTooLarge(DataError):
+    """An image over the pixel budget (`--max-pixels`), refused before it is decoded."""
+
+
+class ImageWarning(UserWarning):
+    """An image that is captioned, but whose caption is unlikely to be good (an extreme aspect ratio)."""

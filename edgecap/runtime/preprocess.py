@@ -11,13 +11,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import io
+import warnings
+
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from .errors import DataError, ImageTooLarge, ImageWarning
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXELS = 100_000_000  # default pixel budget (--max-pixels): a 100 MP photo; OpenCV's own limit is 2**30
+MIN_SIDE = 16             # images with a side under this are refused: nothing to caption
+MAX_ASPECT = 8.0          # longer side / shorter side past this is warned about: a strip, not a scene
 
 
 @dataclass(frozen=True)
@@ -69,26 +76,68 @@ class Preprocessing:
         return out
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8; a missing or unreadable file raises DataError."""
+def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8; a missing, unreadable or out-of-budget file raises DataError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"image not found: {path}")
+    if not path.is_file():
+        raise DataError(f"not a regular file: {path} ({'a folder' if path.is_dir() else 'a device, FIFO or socket'})")
     try:
         data = np.fromfile(str(path), np.uint8)
     except OSError as e:
         raise DataError(f"cannot read image {path}: {e.strerror or e}") from None
-    return decode_image(data, str(path))
+    return decode_image(data, str(path), max_pixels)
 
 
-def decode_image(data: bytes | bytearray | memoryview | np.ndarray | BinaryIO, name: str = "image") -> np.ndarray:
-    """Encoded image bytes (JPEG, PNG, ...) or a binary file-like object -> RGB uint8; DataError when undecodable."""
+def header_size(buf: np.ndarray, name: str, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) from an encoded image's header, without decoding its pixels; None when Pillow does not
+    know the format (OpenCV may still decode it, and the decoded size is checked then)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(buf)) as img:
+                return img.size
+        except Image.DecompressionBombError:  # Pillow refuses to open more than twice its MAX_IMAGE_PIXELS
+            pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            if max_pixels < pillow_limit:
+                raise ImageTooLarge(f"{name} has over {pillow_limit:,} pixels, over the {max_pixels:,}-pixel limit "
+                                    "(--max-pixels)") from None
+            return None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None
+
+
+def check_size(width: int, height: int, name: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an image over `max_pixels` (ImageTooLarge) or with a side under MIN_SIDE (DataError); warn
+    (ImageWarning) on an aspect ratio past MAX_ASPECT."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{name} is {width}x{height}, over the {max_pixels:,}-pixel limit (--max-pixels)")
+    if min(width, height) < MIN_SIDE:
+        raise DataError(f"{name} is {width}x{height}: too small to caption (under {MIN_SIDE} px a side)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        warnings.warn(f"{name} is {width}x{height}, an aspect ratio past {MAX_ASPECT:g}:1; its caption is "
+                      "unlikely to be good", ImageWarning, stacklevel=3)
+
+
+def decode_image(data: bytes | bytearray | memoryview | np.ndarray | BinaryIO, name: str = "image",
+                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (JPEG, PNG, ...) or a binary file-like object -> RGB uint8. DataError when undecodable,
+    ImageTooLarge (read from the header, before decoding) past `max_pixels`; see `check_size`."""
     if hasattr(data, "read"):
         data = data.read()
     if not isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
         raise DataError(f"{name}: expected encoded image bytes or a binary file, got {type(data).__name__}")
     buf = np.frombuffer(data, np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if not buf.size:
+        raise DataError(f"not a readable image: {name} (empty)")
+    if (size := header_size(buf, name, max_pixels)) is not None and size[0] * size[1] > max_pixels:
+        check_size(*size, name, max_pixels)
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as e:  # OpenCV's own limits, for formats whose header Pillow cannot read
+        raise DataError(f"not a readable image: {name} ({e.err or 'OpenCV refused it'})") from None
     if bgr is None:
         raise DataError(f"not a readable image: {name}")
+    check_size(bgr.shape[1], bgr.shape[0], name, max_pixels)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -56,7 +57,16 @@ def _label(img: np.ndarray, word: str) -> np.ndarray:
     return np.concatenate([img, strip], 0)
 
 
-def save_rgb(path, rgb: np.ndarray) -> None:
-    """Write an RGB image with OpenCV (which expects BGR)."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
+def save_rgb(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an RGB image in the format its extension names; OSError saying why when it cannot."""
+    path = Path(path)
+    try:
+        ok, data = cv2.imencode(path.suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise OSError(f"could not write image {path}: no image format has the extension {path.suffix!r}")
+    try:
+        path.write_bytes(data.tobytes())
+    except OSError as e:
+        raise OSError(f"could not write image {path}: {e.strerror}") from None

@@ -1,18 +1,26 @@
 """What a source string means, and the Frames every kind of source yields.
 
-`open_source` decides, in this order: `csi://N` (Jetson CSI camera), `rtsp://`/`rtmp://`/`http(s)://` (stream),
-`N`/`cameraN`/`/dev/videoN` (camera N), an existing folder, an existing image or video file, a glob pattern.
+`open_source` decides, in this order: `-` (one image on standard input), `csi://N` (Jetson CSI camera),
+`rtsp://`/`rtmp://`/`http(s)://` (stream), `N`/`cameraN`/`/dev/videoN` (camera N), an existing folder (its
+subfolders too, unless `recursive` is off), an existing image or video file, a glob pattern (`**` recursive).
 Live sources (camera, csi, stream) read in a background thread that keeps only the newest frame, so a slow
 consumer never works through a backlog, and reopen a capture that stops delivering frames a few times.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
+import os
 import re
+import stat
+import sys
+import tempfile
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -21,10 +29,12 @@ import cv2
 import numpy as np
 
 from .errors import DataError
-from .preprocess import read_rgb
+from .preprocess import MAX_PIXELS, decode_image, read_rgb
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jp2", ".avif",
+              ".pbm", ".pgm", ".ppm", ".pnm")  # what OpenCV's image codecs decode (a GIF: its first frame)
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+STDIN = "-"
 STREAM_SCHEMES = ("rtsp://", "rtmp://", "http://", "https://")
 CAMERA_RE = re.compile(r"(?:camera|/dev/video)?(\d+)")
 CSI_RE = re.compile(r"csi://(\d+)")
@@ -88,18 +98,77 @@ class Throttle:
         self.next = time.monotonic() + self.period
 
 
-class ImageFiles(Source):
-    """A fixed list of image files; an unreadable one becomes a Frame with `error` set."""
+def quiet_opencv() -> None:
+    """Keep OpenCV's and FFmpeg's log lines off stderr, where a command's own one-line message says what went
+    wrong (unless OPENCV_LOG_LEVEL / OPENCV_FFMPEG_LOGLEVEL are set). Call it before the first capture opens:
+    OpenCV reads FFmpeg's level once, then."""
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
-    def __init__(self, kind: str, paths: list[Path]) -> None:
-        self.kind, self.paths = kind, paths
+
+@contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """Collect what native code (libpng, libjpeg, ...) writes to file descriptor 2 in the block, as the lines of
+    the list yielded (filled when the block ends), instead of letting it precede our own message. Python
+    warnings raised in the block are shown after it, as usual."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink, warnings.catch_warnings(record=True) as raised:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(saved, 2)
+                sink.seek(0)
+                lines += [line for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
+    finally:
+        os.close(saved)
+    for w in raised:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def read_frame(name: str, index: int, read: Callable[[], np.ndarray]) -> Frame:
+    """A Frame of what `read` returns, or of its DataError; a native library's complaint is added to the error."""
+    with native_stderr() as native:
+        try:
+            rgb, error = read(), None
+        except DataError as e:
+            rgb, error = None, str(e)
+    if error is not None and native:
+        error = f"{error} ({native[0]})"
+    return Frame(name, index, rgb, error)
+
+
+class ImageFiles(Source):
+    """A fixed list of image files; an unreadable one (see also `entry_problem`) becomes a Frame with `error`."""
+
+    def __init__(self, kind: str, paths: list[Path], max_pixels: int = MAX_PIXELS) -> None:
+        self.kind, self.paths, self.max_pixels = kind, paths, max_pixels
 
     def __iter__(self) -> Iterator[Frame]:
         for index, path in enumerate(self.paths):
-            try:
-                yield Frame(str(path), index, read_rgb(path))
-            except DataError as e:
-                yield Frame(str(path), index, None, str(e))
+            if problem := entry_problem(path):
+                yield Frame(str(path), index, None, problem)
+            else:
+                yield read_frame(str(path), index, lambda: read_rgb(path, self.max_pixels))
+
+
+class StdinImage(Source):
+    """One encoded image read from standard input (`caption-run -`)."""
+
+    kind = "stdin"
+
+    def __init__(self, max_pixels: int = MAX_PIXELS) -> None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise DataError("standard input is a terminal: pipe an image into it (caption-run - < photo.jpg)")
+        self.max_pixels = max_pixels
+
+    def __iter__(self) -> Iterator[Frame]:
+        yield read_frame("<stdin>", 0, lambda: decode_image(sys.stdin.buffer.read(), "standard input",
+                                                            self.max_pixels))
 
 
 class VideoFile(Source):
@@ -134,7 +203,9 @@ class VideoFile(Source):
                 yield Frame(name, index, None, f"frame {number} of {self.path} could not be decoded")
             index += 1
         announced = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        if number < announced - 1:
+        if number == 0:
+            yield Frame(str(self.path), index, None, f"no frames in video {self.path} (empty, or none decodable)")
+        elif number < announced - 1:
             yield Frame(f"{self.path}#{number}", index, None,
                         f"{self.path} ended after {number} of the {announced} frames it announces (truncated?)")
 
@@ -249,13 +320,91 @@ def is_image(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTS
 
 
-def _image_files(paths: list[Path]) -> list[Path]:
-    return sorted(p for p in paths if is_image(p) and p.is_file())
+def folder_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """A folder's image files (by extension), sorted; with `recursive`, its subfolders' too, symbolic links to
+    folders followed. Kept for the reader to say why they cannot be read (`entry_problem`): broken symbolic links
+    with an image name (dangling, or a loop), links back into a folder being walked (not followed), and
+    subfolders that cannot be listed. DataError when the folder cannot be listed or holds no image."""
+    found: list[Path] = []
+
+    def walk(folder: Path, ancestors: frozenset[str]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            path = Path(entry.path)
+            if not is_folder(entry):
+                if is_image(path):
+                    found.append(path)
+            elif recursive:
+                if (real := os.path.realpath(path)) in ancestors:
+                    found.append(path)
+                    continue
+                try:
+                    walk(path, ancestors | {real})
+                except OSError:
+                    found.append(path)
+
+    try:
+        walk(folder, frozenset({os.path.realpath(folder)}))
+    except OSError as e:
+        raise DataError(f"cannot list folder {folder}: {e.strerror}") from None
+    if not found:
+        raise DataError(f"no image files ({', '.join(IMAGE_EXTS)}) {'under' if recursive else 'in'} folder: {folder}")
+    return sorted(found)
+
+
+def glob_images(pattern: str) -> list[Path]:
+    """The image paths (by extension) a glob pattern matches, sorted; `**` matches subfolders too. A file reached
+    along several paths (through symbolic links, or a link loop) is listed once, by the first in sorted order."""
+    matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    unique = {os.path.realpath(p): p for p in reversed(matches) if is_image(p) and not p.is_dir()}
+    return sorted(unique.values())
+
+
+def is_folder(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a folder or a symbolic link to one (not a link loop, which is no folder)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def entry_problem(path: Path) -> str | None:
+    """Why a listed image path is no file to read, in one line, or None (reading it tells the rest): a dangling
+    symbolic link, a symbolic link loop, a folder (a link back into a folder that contains it, or one that
+    cannot be listed)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symbolic link loop: {path} -> {os.readlink(path)}" if path.is_symlink() else \
+                f"symbolic link loop in the path {path}"
+        if e.errno == errno.ENOENT and path.is_symlink():
+            return f"dangling symbolic link: {path} -> {os.readlink(path)} (its target does not exist)"
+        return None
+    if not path.is_dir():
+        return None
+    if Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(path)):
+        return f"symbolic link loop: {path} -> {os.readlink(path)} leads back into a folder that contains it " \
+               "(not followed)"
+    try:
+        os.scandir(path).close()
+    except OSError as e:
+        return f"cannot list folder {path}: {e.strerror}"
+    return None
+
+
+def not_a_file(path: Path) -> str:
+    """What an existing path that is neither a regular file nor a folder is: `a FIFO`, `a socket`, ..."""
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")
 
 
 def open_source(uri: str, every: int = 1, max_fps: float | None = None, reconnects: int = 3,
-                reconnect_delay: float = 1.0) -> Source:
+                reconnect_delay: float = 1.0, max_pixels: int = MAX_PIXELS, recursive: bool = True) -> Source:
     """Decide what `uri` means (see the module docstring) and open it; user-input problems raise DataError."""
+    if uri == STDIN:
+        return StdinImage(max_pixels)
     if every < 1:
         raise DataError(f"every must be at least 1, got {every}")
     if max_fps is not None and max_fps <= 0:
@@ -272,18 +421,20 @@ def open_source(uri: str, every: int = 1, max_fps: float | None = None, reconnec
         return LiveCapture("camera", f"camera{n}", f"camera {n}", lambda: capture_factory(n), **live)
     path = Path(uri)
     if path.is_dir():
-        if not (images := _image_files(list(path.iterdir()))):
-            raise DataError(f"no image files ({', '.join(IMAGE_EXTS)}) in folder: {uri}")
-        return ImageFiles("folder", images)
+        return ImageFiles("folder", folder_images(path, recursive), max_pixels)
+    if problem := entry_problem(path):
+        raise DataError(problem)
+    if path.exists() and not path.is_file():
+        raise DataError(f"not an image or video file: {uri} is {not_a_file(path)}")
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in IMAGE_EXTS:
-            return ImageFiles("image", [path])
+            return ImageFiles("image", [path], max_pixels)
         if suffix in VIDEO_EXTS:
             return VideoFile(path, every, max_fps)
         raise DataError(f"not an image or video file: {uri} (unknown extension {suffix!r})")
     if any(c in uri for c in "*?["):
-        if not (images := _image_files([Path(p) for p in glob.glob(uri)])):
+        if not (images := glob_images(uri)):
             raise DataError(f"no image files match: {uri}")
-        return ImageFiles("glob", images)
+        return ImageFiles("glob", images, max_pixels)
     raise DataError(f"no such file or folder: {uri}")

@@ -3,15 +3,14 @@ files, or URIs that pyarrow's file systems read (s3://, gs://, file://, ...)."""
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from edgecap.runtime.errors import DataError
-from edgecap.runtime.preprocess import decode_image, read_rgb
-from edgecap.runtime.sources import IMAGE_EXTS, is_image
+from edgecap.runtime.preprocess import MAX_PIXELS, decode_image, read_rgb
+from edgecap.runtime.sources import folder_images, glob_images, is_image
 
 LIST_EXTS = (".txt", ".lst")
 
@@ -31,17 +30,15 @@ def image_paths(sources: list[str], warn: Callable[[str], None]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def expand(source: str) -> list[str]:
-    """One source's image paths. Paths in a list file are taken as they are (relative ones from the list's
-    folder): one that is missing gives an error row, not a stop."""
+def expand(source: str, recursive: bool = True) -> list[str]:
+    """One source's image paths. A folder's are caption-run's (`folder_images`: its subfolders' too unless not
+    `recursive`; broken links listed, to become error rows). Paths in a list file are taken as they are (relative
+    ones from the list's folder): one that is missing gives an error row, not a stop."""
     if "://" in source:
         return expand_uri(source)
     path = Path(source)
     if path.is_dir():
-        found = sorted(str(p) for p in path.rglob("*") if is_image(p) and p.is_file())
-        if not found:
-            raise DataError(f"no image files ({', '.join(IMAGE_EXTS)}) under folder: {source}")
-        return found
+        return [str(p) for p in folder_images(path, recursive)]
     if path.is_file():
         if path.suffix.lower() in LIST_EXTS:
             lines = [ln.strip() for ln in path.read_text().splitlines()]
@@ -50,7 +47,7 @@ def expand(source: str) -> list[str]:
             return [source]
         raise DataError(f"not an image or list file: {source} (unknown extension {path.suffix!r})")
     if any(c in source for c in "*?["):
-        if not (found := sorted(p for p in glob.glob(source, recursive=True) if is_image(p))):
+        if not (found := [str(p) for p in glob_images(source)]):
             raise DataError(f"no image files match: {source}")
         return found
     raise DataError(f"no such file or folder: {source}")
@@ -74,10 +71,11 @@ def expand_uri(uri: str) -> list[str]:
     return [uri]
 
 
-def read_image(path: str) -> np.ndarray:
-    """RGB uint8 from a local path or a URI; DataError when it cannot be read or decoded."""
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 from a local path or a URI; DataError when it cannot be read or decoded, or is over
+    `max_pixels` (read from its header)."""
     if "://" not in path:
-        return read_rgb(path)
+        return read_rgb(path, max_pixels)
     from pyarrow import fs
 
     try:
@@ -86,4 +84,4 @@ def read_image(path: str) -> np.ndarray:
             data = f.read()
     except (OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
-    return decode_image(data, path)
+    return decode_image(data, path, max_pixels)
