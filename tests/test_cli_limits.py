@@ -1,5 +1,5 @@
 """caption-eval and export-onnx refuse out-of-range flags in one line naming the flag, with the limits the
-server keeps (issue 19, item 8), before loading anything."""
+server keeps (issue 19, item 8), before loading anything; caption-eval also an output it could not write."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def one_line(capsys, main, prog: str, *argv: str) -> str:
     (["--beams", "1,17"], f"--beams must be between 1 and {MAX_BEAMS}, got 17"),
     (["--beams", "0"], f"--beams must be between 1 and {MAX_BEAMS}, got 0"),
     (["--max-length", "0"], f"--max-length must be between 1 and {MAX_LENGTH}, got 0"),
+    (["--json", "nowhere/r.json"], "could not write --json nowhere/r.json: no folder nowhere"),
 ])
 def test_caption_eval_names_the_flag(tmp_path, capsys, flags, expected):
     assert one_line(capsys, eval_main, "caption-eval", "--model", str(tmp_path / "no-model"), "--data", "synthetic",

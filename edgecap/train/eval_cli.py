@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             check_limits(beams, args.max_length)
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
+        for flag, out in (("--json", args.json), ("--markdown", args.markdown)):
+            if out is not None and not out.parent.is_dir():
+                raise ValueError(f"could not write {flag} {out}: no folder {out.parent}")  # said before, not after
         baseline = read_baseline(args.baseline) if args.baseline else None
         report = evaluate(args)
         if baseline is not None:
