@@ -104,7 +104,7 @@ def test_folder_captions_match_api_and_torch(exported, trained, scenes, split, c
 
 
 def test_video_jsonl_every_and_n_best(exported, clip, capsys):
-    code, out, err = run(capsys, "--model", exported["attention"], "--json", clip)
+    code, out, err = run(capsys, "--model", exported["attention"], "--json", "--every-frame", clip)
     assert code == 0
     recs = records(out)  # stdout is pure JSONL: the report is on stderr
     assert [r["source"] for r in recs] == [f"{clip}#{i}" for i in range(FRAMES)]
@@ -114,8 +114,8 @@ def test_video_jsonl_every_and_n_best(exported, clip, capsys):
         assert all(v > 0 for v in r["timings"].values()) and "alternatives" not in r
     assert f"captioned {FRAMES}, failed 0:" in err
 
-    code, out, _ = run(capsys, "--model", exported["attention"], "--json", "--every", 2, "--beams", 3,
-                       "--n-best", 2, clip)
+    code, out, _ = run(capsys, "--model", exported["attention"], "--json", "--every-frame", "--every", 2,
+                       "--beams", 3, "--n-best", 2, clip)
     recs = records(out)
     assert code == 0 and [r["source"] for r in recs] == [f"{clip}#{i}" for i in range(0, FRAMES, 2)]
     for r in recs:
@@ -138,7 +138,7 @@ def test_save_and_attention_figures(exported, clip, scenes, tmp_path, capsys):
     out_dir = tmp_path / "out"
     image = scenes / "scene0.png"
     code, out, _ = run(capsys, "--model", exported["attention"], "--save", out_dir, "--attention", "--quiet",
-                       clip, image, image)
+                       "--every-frame", clip, image, image)
     assert code == 0 and len(out.splitlines()) == FRAMES + 2
     stems = [f"clip-{i:06d}" for i in range(FRAMES)] + ["scene0", "scene0-2"]
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
@@ -299,7 +299,7 @@ def test_live_source_one_frame_at_a_time_then_drop(exported, split, capsys, monk
     monkeypatch.setattr(FakeCamera, "opened", 0)
     monkeypatch.setattr(sources, "capture_factory", lambda *a: FakeCamera(split, 5))
     monkeypatch.setattr(cli, "open_source", functools.partial(sources.open_source, reconnect_delay=0.01))
-    code, out, err = run(capsys, "--model", exported["plain"], "--json", "--batch", 8, "camera0")
+    code, out, err = run(capsys, "--model", exported["plain"], "--json", "--every-frame", "--batch", 8, "camera0")
     recs = records(out)
     assert 1 <= len(recs) <= 5 and all(r["batch"] == 1 and r["source"].startswith("camera0#") for r in recs)
     assert code == 2 and f"captioned {len(recs)}, failed 0:" in err

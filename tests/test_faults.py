@@ -236,7 +236,7 @@ def test_truncated_video_warns(tiny, tmp_path, capsys):
     assert last.rgb is None and f"{cut} ended after {len(read)} of the 60 frames" in last.error
 
     capsys.readouterr()
-    code = caption_run(["--model", str(model), "--every", "20", "--quiet", str(cut)])
+    code = caption_run(["--model", str(model), "--every-frame", "--every", "20", "--quiet", str(cut)])
     out, err = capsys.readouterr()
     assert code == 1 and len(out.splitlines()) == len(range(0, len(read), 20))
     assert err.count("\n") == 1 and f"{cut} ended after {len(read)} of the 60 frames" in err

@@ -27,8 +27,10 @@ from .errors import DataError, EdgecapError, ModelError
 from .manifest import PRECISIONS, Manifest
 from .preprocess import MAX_PIXELS
 from .render import attention_figure, draw_caption, save_rgb
+from .scenes import HOLD_S, THRESHOLD, Event, GateOptions, timestamp
 from .search import check_limits
 from .sources import Frame, Source, open_source, quiet_opencv
+from .timeline import VIDEO_CODECS, AnnotatedVideo, Subtitles, Timeline
 from .timing import TimingStats
 
 PROG = "caption-run"
@@ -36,6 +38,7 @@ SEARCH_FLAGS = {"beams": "num_beams", "max_length": "max_length", "length_penalt
                 "n_best": "num_return_sequences"}  # flag -> SearchOptions field; unset flags keep the manifest's
 STAGES = ("preprocess_ms", "encoder_ms", "decoder_ms", "decoder_per_word_ms")
 QUIT_KEYS = (ord("q"), 27)  # q, ESC
+SCENE_KINDS = ("video", "camera", "csi", "stream")  # sources captioned by scene unless --every-frame
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool that a closed pipe ended
 ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r",
                          **{chr(c): f"\\x{c:02x}" for c in [*range(32), 127] if chr(c) not in "\n\t\r"}})
@@ -77,8 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", metavar="N", type=int, default=8, help="images per batch for file sources (default: 8)")
     p.add_argument("--every", metavar="N", type=int, default=1, help="caption every N-th frame of a video (default: 1)")
     p.add_argument("--max-fps", metavar="F", type=float, help="caption at most F frames per second")
+    scenes = p.add_argument_group("videos and cameras", "by default a video, camera or stream is captioned when its "
+                                  "scene changes (the encoder runs on every frame, the decoder on a change): one "
+                                  "event per caption, `HH:MM:SS.mmm  caption` (with --json, one record per event "
+                                  "with start and end, printed when it ends)")
+    mode = scenes.add_mutually_exclusive_group()
+    mode.add_argument("--on-change", dest="every_frame", action="store_false", default=False,
+                      help="caption when the scene changes (the default)")
+    mode.add_argument("--every-frame", dest="every_frame", action="store_true",
+                      help="caption every (sampled) frame, one line each")
+    scenes.add_argument("--change-threshold", metavar="D", type=float, default=THRESHOLD,
+                        help=f"cosine distance of the encoder's pooled features that makes a new scene "
+                             f"(default: {THRESHOLD}, measured for the bundled model)")
+    scenes.add_argument("--hold", metavar="S", type=float, default=HOLD_S,
+                        help=f"seconds a change must last to be a new scene (default: {HOLD_S})")
+    scenes.add_argument("--refresh", metavar="S", type=float,
+                        help="caption again after S seconds without a change (default: never)")
+    scenes.add_argument("--subtitles", metavar="FILE", type=Path,
+                        help="write the events as SubRip (.srt) or WebVTT (.vtt) cues, rewritten as each one ends")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of SOURCE<TAB>caption")
-    p.add_argument("--save", type=Path, metavar="DIR", help="write each image with its caption as DIR/<name>.jpg")
+    p.add_argument("--save", type=Path, metavar="DIR",
+                   help="write each image with its caption as DIR/<name>.jpg; for a video, OUT.mp4/.avi writes the "
+                        "video with the current caption on every frame")
     p.add_argument("--attention", action="store_true", help="with --save: also DIR/<name>.attention.png")
     p.add_argument("--show", action="store_true", help="show captioned frames in a window (q or ESC quits)")
     p.add_argument("--quiet", action="store_true", help="no timing report on stderr")
@@ -131,6 +154,11 @@ def check_options(args: argparse.Namespace) -> None:
         raise EdgecapError(f"--max-fps must be more than 0, got {args.max_fps}")
     if args.attention and args.save is None:
         raise EdgecapError("--attention writes figures next to the captioned images: add --save DIR")
+    if args.attention and saves_video(args):
+        raise EdgecapError("--attention writes figures into a --save folder, not into a video")
+    gate_options(args)
+    if args.every_frame and (args.subtitles or saves_video(args)):
+        raise EdgecapError("--subtitles and --save VIDEO write scene events: leave out --every-frame")
     if args.show:
         check_display()
 
@@ -162,7 +190,7 @@ class Output:
     def __init__(self, args: argparse.Namespace) -> None:
         self.json, self.save, self.attention, self.show = args.json, args.save, args.attention, args.show
         self.names: set[str] = set()
-        if self.save is not None:
+        if self.save is not None and not saves_video(args):
             try:
                 self.save.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -174,6 +202,10 @@ class Output:
             print(json.dumps({"source": frame.source, "batch": batch, **caption.to_dict(batch)}), flush=True)
         else:
             print(f"{escape(frame.source)}\t{caption.text}", flush=True)
+        return self.show_or_save(frame, caption)
+
+    def show_or_save(self, frame: Frame, caption: Caption) -> bool:
+        """The frame with its caption into the --save folder and the --show window; False once it is closed."""
         if self.save is None and not self.show:
             return True
         annotated = draw_caption(frame.rgb, caption.text)
@@ -246,6 +278,93 @@ def open_sources(args: argparse.Namespace, stack: ExitStack, stats: TimingStats)
     return sources
 
 
+def saves_video(args: argparse.Namespace) -> bool:
+    """Whether --save names a video file (the annotated video of a video source) rather than a folder."""
+    return args.save is not None and args.save.suffix.lower() in VIDEO_CODECS
+
+
+def gate_options(args: argparse.Namespace) -> GateOptions:
+    return GateOptions(args.change_threshold, args.hold, args.refresh)
+
+
+def caption_frames(captioner: Captioner, source: Source, args: argparse.Namespace, output: Output,
+                   stats: TimingStats) -> bool:
+    """Images, or every sampled frame: batches through the captioner, one output per frame; False once the
+    user has closed the window."""
+    for chunk in batches([source], args.batch):
+        start = time.perf_counter()
+        if not (frames := readable(chunk, stats)):
+            continue
+        captions = captioner.caption_batch([f.rgb for f in frames])
+        going = all([output(f, c, len(frames)) for f, c in zip(frames, captions)])
+        timings = {k: captions[0].timings[k] for k in STAGES}
+        timings["end_to_end_ms"] = (time.perf_counter() - start) * 1e3  # caption + print/save/show
+        stats.add(timings, len(frames))
+        if not going:
+            return False
+    return True
+
+
+def caption_scenes(captioner: Captioner, source: Source, args: argparse.Namespace, output: Output,
+                   stats: TimingStats, subtitles: Subtitles | None, video: AnnotatedVideo | None) -> bool:
+    """A video, camera or stream by scene (see scenes.py): a line when an event starts (with --json, a record
+    when it ends), subtitle cues and the annotated video as it goes. A source that ends early or drops is a
+    warning; the events so far stay written."""
+    name = str(getattr(source, "path", None) or getattr(source, "name", source.kind))
+
+    def started(event: Event) -> None:
+        if not args.json:
+            print(f"{timestamp(event.start)}  {event.caption.text}", flush=True)
+
+    def ended(event: Event) -> None:
+        if args.json:
+            print(json.dumps(event.to_dict()), flush=True)
+        if subtitles is not None:
+            subtitles.add(event)
+
+    timeline = Timeline(captioner, gate_options(args), started, ended, source=name)
+    going, end = True, None
+    try:
+        for frame in source:
+            if frame.rgb is None:
+                warn(frame.error)
+                stats.failures += 1
+                continue
+            start = time.perf_counter()
+            current = timeline.current
+            event = timeline.feed(frame.rgb, frame.time or 0.0, frame.index)
+            if video is not None:
+                video.write(frame.rgb, event.caption)
+            elif event is not current and (args.save is not None or args.show):
+                going = output.show_or_save(frame, event.caption)
+            stats.add({**{k: v for k, v in timeline.timings.items() if k in STAGES},
+                       "end_to_end_ms": (time.perf_counter() - start) * 1e3})
+            end = (frame.time or 0.0) + 1 / max(getattr(source, "fps", 0.0), 1e-3) if not source.live else frame.time
+            if not going:
+                break
+    except DataError as e:  # a live source that dropped for good
+        warn(str(e))
+        stats.failures += 1
+    finally:
+        timeline.close(end)
+    return going
+
+
+def scene_writers(args: argparse.Namespace, sources: list[Source],
+                  stack: ExitStack) -> tuple[Subtitles | None, AnnotatedVideo | None]:
+    """--subtitles and --save VIDEO, opened before any frame is captioned (a bad path is one line, no work)."""
+    if not (args.subtitles or saves_video(args)):
+        return None, None
+    if len(sources) != 1 or sources[0].kind not in SCENE_KINDS:
+        raise EdgecapError("--subtitles and --save VIDEO take one video, camera or stream source")
+    subtitles = Subtitles(args.subtitles) if args.subtitles else None
+    video = None
+    if saves_video(args):  # at the source's rate (a camera's: --max-fps, else 25)
+        video = AnnotatedVideo(args.save, getattr(sources[0], "fps", 0.0) or args.max_fps or 25.0)
+        stack.callback(video.close)
+    return subtitles, video
+
+
 def caption_run(args: argparse.Namespace) -> int:
     """The command's body: 0 when every input was captioned, 1 when some could not be read, EXIT_BROKEN_PIPE
     (quietly) when whatever read standard output stopped reading."""
@@ -255,17 +374,13 @@ def caption_run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         stats = TimingStats()
         sources = open_sources(args, stack, stats)
+        subtitles, video = scene_writers(args, sources, stack)
         output = Output(args)
         try:
-            for chunk in batches(sources, args.batch):
-                start = time.perf_counter()
-                if not (frames := readable(chunk, stats)):
-                    continue
-                captions = captioner.caption_batch([f.rgb for f in frames])
-                going = all([output(f, c, len(frames)) for f, c in zip(frames, captions)])
-                timings = {k: captions[0].timings[k] for k in STAGES}
-                timings["end_to_end_ms"] = (time.perf_counter() - start) * 1e3  # caption + print/save/show
-                stats.add(timings, len(frames))
+            for source in sources:
+                by_scene = not args.every_frame and source.kind in SCENE_KINDS
+                going = (caption_scenes(captioner, source, args, output, stats, subtitles, video) if by_scene
+                         else caption_frames(captioner, source, args, output, stats))
                 if not going:
                     break
         except BrokenPipeError:  # `caption-run ... | head -1`: stop as quietly as other Unix tools do

@@ -65,6 +65,7 @@ class Frame:
     index: int
     rgb: np.ndarray | None
     error: str | None = None
+    time: float | None = None  # seconds: a video's own timestamp, a live source's since it opened
 
 
 class Source:
@@ -194,13 +195,14 @@ class VideoFile(Source):
                 break
             if number % self.every:
                 continue  # grab() without retrieve() skips the decode
+            seconds = self.cap.get(cv2.CAP_PROP_POS_MSEC) / 1000  # the grabbed frame's own timestamp
             ok, bgr = self.cap.retrieve()
             throttle.wait()
             name = f"{self.path}#{number}"
             if ok:
-                yield Frame(name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                yield Frame(name, index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time=seconds)
             else:
-                yield Frame(name, index, None, f"frame {number} of {self.path} could not be decoded")
+                yield Frame(name, index, None, f"frame {number} of {self.path} could not be decoded", seconds)
             index += 1
         announced = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
         if number == 0:
@@ -208,6 +210,11 @@ class VideoFile(Source):
         elif number < announced - 1:
             yield Frame(f"{self.path}#{number}", index, None,
                         f"{self.path} ended after {number} of the {announced} frames it announces (truncated?)")
+
+    @property
+    def fps(self) -> float:
+        """The container's frame rate (0 when it does not say)."""
+        return float(self.cap.get(cv2.CAP_PROP_FPS) or 0.0)
 
     def close(self) -> None:
         self.cap.release()
@@ -231,7 +238,8 @@ class LiveCapture(Source):
         if self.cap is None:
             raise DataError(f"{label} is not available ({UNAVAILABLE_HINTS[kind]})")
         self.cond = threading.Condition()
-        self.latest: tuple[int, np.ndarray] | None = None  # (frame number, BGR image)
+        self.latest: tuple[int, np.ndarray, float] | None = None  # (frame number, BGR image, seconds since open)
+        self.opened = time.monotonic()
         self.failure: DataError | None = None
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
@@ -250,7 +258,7 @@ class LiveCapture(Source):
             ok, bgr = cap.read() if cap is not None else (False, None)
             if ok:
                 with self.cond:
-                    self.latest = (number, bgr)
+                    self.latest = (number, bgr, time.monotonic() - self.opened)
                     self.cond.notify_all()
                 number, attempts = number + 1, 0
                 continue
@@ -285,8 +293,8 @@ class LiveCapture(Source):
                     if self.failure is not None:
                         raise self.failure
                     return  # closed
-                seen, bgr = self.latest
-            yield Frame(f"{self.name}#{seen}", index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                seen, bgr, seconds = self.latest
+            yield Frame(f"{self.name}#{seen}", index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time=seconds)
 
     def close(self) -> None:
         self.stopped.set()
