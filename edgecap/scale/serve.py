@@ -155,10 +155,19 @@ def drain(timeout: float, name: str = APP) -> int:
     actors = list(replicas(name))
     while True:
         counts = [actor.get_num_ongoing_requests.remote() for actor in actors]
-        ongoing = sum(ray.get(c) for c in ray.wait(counts, num_returns=len(counts), timeout=1.0)[0])
+        ongoing = sum(map(answer, ray.wait(counts, num_returns=len(counts), timeout=1.0)[0]))
         if not ongoing or time.monotonic() >= deadline:
             return ongoing
         time.sleep(0.05)
+
+
+def answer(count) -> int:
+    """A replica's count of requests in flight; 0 for one that died meanwhile (nothing left to wait for)."""
+    ray = require("ray", PROG)
+    try:
+        return ray.get(count)
+    except ray.exceptions.RayError:
+        return 0
 
 
 def serve_forever(args: argparse.Namespace) -> int:
