@@ -6,6 +6,7 @@ import json
 
 import cv2
 import pytest
+import torch
 
 from edgecap.runtime.attend import main as attend_main
 from edgecap.runtime.vocab import Vocabulary
@@ -110,3 +111,20 @@ def test_caption_attend(exported, tmp_path, capsys):
     assert figure.shape[0] == -(-(len(words) + 1) // 5) * 184  # one tile per word plus the image
     assert attend_main([str(image), "--model", str(exported["plain"])]) == 2
     assert "attention model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--engine", "ort"], "is a checkpoint, which runs in PyTorch (export it first: export-onnx"),
+    (["--precision", "int8"], "a checkpoint runs in fp32 (export-onnx"),
+    (["--device", "cuda"], "--device cuda: this PyTorch sees no CUDA device"),
+])
+def test_caption_eval_refuses_what_a_checkpoint_cannot_honour(tmp_path, capsys, flags, message):
+    """These flags used to be ignored for a checkpoint (the report said "torch fp32", exit 0), and --device cuda
+    was a traceback without CUDA: now each is one line before any work (the file is never read)."""
+    if flags[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this PyTorch has CUDA")
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"never read")
+    assert eval_main(["--model", str(ckpt), "--data", "synthetic", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

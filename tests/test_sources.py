@@ -320,3 +320,25 @@ def test_stdin_is_one_image(monkeypatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     [frame] = open_source("-")
     assert frame.rgb is None and frame.error == "not a readable image: standard input (empty)"
+
+
+def test_max_fps_paces_image_files_too(folder: Path, monkeypatch) -> None:
+    """--max-fps used to apply to videos and cameras only: a folder was read as fast as it could be."""
+    made: list[float | None] = []
+
+    class Counting(sources.Throttle):
+        waits = 0
+
+        def __init__(self, max_fps: float | None) -> None:
+            made.append(max_fps)
+            super().__init__(max_fps)
+
+        def wait(self) -> None:
+            Counting.waits += 1
+
+    monkeypatch.setattr(sources, "Throttle", Counting)
+    for uri in (str(folder), str(folder / "a.png"), str(folder / "*.png")):
+        Counting.waits = 0
+        with open_source(uri, max_fps=5) as src:
+            frames = list(src)
+        assert made[-1] == 5 and Counting.waits == len(frames) >= 1, uri

@@ -144,13 +144,17 @@ def read_frame(name: str, index: int, read: Callable[[], np.ndarray]) -> Frame:
 
 
 class ImageFiles(Source):
-    """A fixed list of image files; an unreadable one (see also `entry_problem`) becomes a Frame with `error`."""
+    """A fixed list of image files, read at most `max_fps` per second; an unreadable one (see also
+    `entry_problem`) becomes a Frame with `error`."""
 
-    def __init__(self, kind: str, paths: list[Path], max_pixels: int = MAX_PIXELS) -> None:
-        self.kind, self.paths, self.max_pixels = kind, paths, max_pixels
+    def __init__(self, kind: str, paths: list[Path], max_pixels: int = MAX_PIXELS,
+                 max_fps: float | None = None) -> None:
+        self.kind, self.paths, self.max_pixels, self.max_fps = kind, paths, max_pixels, max_fps
 
     def __iter__(self) -> Iterator[Frame]:
+        throttle = Throttle(self.max_fps)
         for index, path in enumerate(self.paths):
+            throttle.wait()
             if problem := entry_problem(path):
                 yield Frame(str(path), index, None, problem)
             else:
@@ -429,7 +433,7 @@ def open_source(uri: str, every: int = 1, max_fps: float | None = None, reconnec
         return LiveCapture("camera", f"camera{n}", f"camera {n}", lambda: capture_factory(n), **live)
     path = Path(uri)
     if path.is_dir():
-        return ImageFiles("folder", folder_images(path, recursive), max_pixels)
+        return ImageFiles("folder", folder_images(path, recursive), max_pixels, max_fps)
     if problem := entry_problem(path):
         raise DataError(problem)
     if path.exists() and not path.is_file():
@@ -437,12 +441,12 @@ def open_source(uri: str, every: int = 1, max_fps: float | None = None, reconnec
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in IMAGE_EXTS:
-            return ImageFiles("image", [path], max_pixels)
+            return ImageFiles("image", [path], max_pixels, max_fps)
         if suffix in VIDEO_EXTS:
             return VideoFile(path, every, max_fps)
         raise DataError(f"not an image or video file: {uri} (unknown extension {suffix!r})")
     if any(c in uri for c in "*?["):
         if not (images := glob_images(uri)):
             raise DataError(f"no image files match: {uri}")
-        return ImageFiles("glob", images, max_pixels)
+        return ImageFiles("glob", images, max_pixels, max_fps)
     raise DataError(f"no such file or folder: {uri}")

@@ -33,7 +33,8 @@ def image_paths(sources: list[str], warn: Callable[[str], None]) -> list[str]:
 def expand(source: str, recursive: bool = True) -> list[str]:
     """One source's image paths. A folder's are caption-run's (`folder_images`: its subfolders' too unless not
     `recursive`; broken links listed, to become error rows). Paths in a list file are taken as they are (relative
-    ones from the list's folder): one that is missing gives an error row, not a stop."""
+    ones from the list's folder; URIs such as s3://... stay URIs): one that is missing gives an error row, not a
+    stop."""
     if "://" in source:
         return expand_uri(source)
     path = Path(source)
@@ -42,7 +43,7 @@ def expand(source: str, recursive: bool = True) -> list[str]:
     if path.is_file():
         if path.suffix.lower() in LIST_EXTS:
             lines = [ln.strip() for ln in path.read_text().splitlines()]
-            return [str(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+            return [ln if "://" in ln else str(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
         if is_image(path):
             return [source]
         raise DataError(f"not an image or list file: {source} (unknown extension {path.suffix!r})")

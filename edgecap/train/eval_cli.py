@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgecap.runtime.console import choice_error, run_main
 from edgecap.runtime.engines import DEVICES, RUNTIME_ENGINES, check_choices, make_engine
@@ -37,10 +38,28 @@ def _engine(model: Path, engine: str, precision: str | None, device: str | None)
     if model.is_file():
         torch_engine = TorchEngine.from_checkpoint(model, device or "cpu")
         return torch_engine, torch_engine.vocabulary, torch_engine.preprocess, SearchOptions(), "torch", "fp32"
+    engine = engine or RUNTIME_ENGINES[0]
     manifest = Manifest.load(model)
     precision = precision or manifest.default_precision
     return (make_engine(engine, model, precision, device, manifest=manifest), manifest.vocabulary,
             manifest.preprocessing, manifest.search, engine, precision)
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """--engine/--precision/--device as the model can honour them: a model folder through a runtime engine; a
+    checkpoint only in PyTorch fp32, on a device this PyTorch has. Refused in one line before any work."""
+    if not Path(args.model).is_file():
+        check_choices(args.engine or RUNTIME_ENGINES[0], args.device, args.precision, RUNTIME_ENGINES)
+        return
+    if args.engine is not None:
+        raise ValueError(f"--engine {args.engine} runs a model folder; {args.model} is a checkpoint, which runs in "
+                         f"PyTorch (export it first: export-onnx {args.model})")
+    if args.precision not in (None, "fp32"):
+        raise ValueError(f"--precision {args.precision} needs a model folder with {args.precision} graphs; a "
+                         f"checkpoint runs in fp32 (export-onnx {args.model} --{args.precision})")
+    check_choices("torch", args.device)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this PyTorch sees no CUDA device (torch.cuda.is_available() is False)")
 
 
 def unknown_word_share(refs: dict[str, list[str]], vocab: Vocabulary) -> float:
@@ -153,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="data set folder/file, or synthetic")
     p.add_argument("--layout", help="force a data layout")
     p.add_argument("--split", default="test", metavar="{dev,test}", help="(default: test)")
-    p.add_argument("--engine", default="ort", metavar="{" + ",".join(RUNTIME_ENGINES) + "}",
-                   help="runtime engine for a model folder (a checkpoint runs in PyTorch)")
+    p.add_argument("--engine", metavar="{" + ",".join(RUNTIME_ENGINES) + "}",
+                   help=f"runtime engine for a model folder (default: {RUNTIME_ENGINES[0]}; a checkpoint runs in "
+                        "PyTorch, fp32)")
     p.add_argument("--precision", metavar="{" + ",".join(PRECISIONS) + "}",
                    help="graphs of a model folder (default: the folder's best, fp32 where it has it)")
     p.add_argument("--device", metavar="{" + ",".join(DEVICES) + "}", help="(default: the engine's first, cpu)")
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         if args.split not in SPLITS:
             raise choice_error("split", args.split, SPLITS)
-        check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
+        check_model_flags(args)
         for beams in args.beams or [None]:
             check_limits(beams, args.max_length)
         if args.limit is not None and args.limit < 1:
