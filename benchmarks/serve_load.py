@@ -198,8 +198,8 @@ def crash(url: str, name: str, jpegs: list[bytes], args: argparse.Namespace) -> 
     return {"requests": total, "clients": clients, "replicas": args.replicas, "killed_at_s": round(killed, 2),
             "outcomes": dict(sorted(counts.items())), "resets": counts.get("reset", 0),
             "non_json_errors": sum(n for o, n in counts.items() if "not json" in o or "other" in o),
-            "answered_after_kill": len(after_kill), "failures_s_after_kill": failed, "recovery_s": round(recovered, 2) if recovered is not None else None,
-            "seconds": round(max(t for t, _ in outcomes), 2)}
+            "answered_after_kill": len(after_kill), "failures_s_after_kill": failed,
+            "recovery_s": round(recovered, 2) if recovered is not None else None, "seconds": round(max(t for t, _ in outcomes), 2)}
 
 
 def crash_report(args: argparse.Namespace, jpegs: list[bytes], captioner: Captioner, url: str) -> dict:

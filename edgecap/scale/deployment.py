@@ -119,16 +119,14 @@ class CaptionServer:
             time.sleep(DRAIN_POLL_S)
             self.draining = _internal_kv_get(key) is not None
 
-    def admit(self) -> None:
-        """503 + Retry-After while the service stops, or once the replica holds `capacity` requests."""
+    def check_draining(self) -> None:
+        """503 + Retry-After once the service is stopping."""
         if self.draining:
             raise HTTPError(503, "the service is shutting down", RETRY)
-        if self.in_flight >= self.capacity:
-            raise HTTPError(503, f"busy: {self.in_flight} requests are waiting on this replica", RETRY)
 
     @app.get("/healthz")
     def healthz(self) -> dict:
-        self.admit()
+        self.check_draining()
         return {"status": "ok"}
 
     @app.get("/v1/model")
@@ -143,9 +141,12 @@ class CaptionServer:
     async def caption(self, request: Request, beams: int | None = None, max_length: int | None = None) -> dict:
         """Caption every image of the request; each answer carries its batch's size and per-image timings."""
         start = time.perf_counter()
-        self.admit()
+        self.check_draining()
+        if self.in_flight >= self.capacity:
+            raise HTTPError(503, f"busy: {self.in_flight} requests are waiting on this replica", RETRY)
         if unknown := sorted(set(request.query_params) - set(QUERY)):
-            raise HTTPError(422, f"unknown query parameter(s) {', '.join(unknown)}; /v1/caption takes {', '.join(QUERY)}")
+            raise HTTPError(422, f"unknown query parameter(s) {', '.join(unknown)}; /v1/caption takes "
+                                 f"{', '.join(QUERY)}")
         self.in_flight += 1
         try:
             files = await read_images(request, self.max_bytes)

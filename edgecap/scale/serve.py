@@ -195,8 +195,8 @@ def serve_forever(args: argparse.Namespace) -> int:
               "shut down", file=sys.stderr)
         return 0
     finally:
-        ray = require("ray", PROG)
-        if ray.is_initialized():
+        ray = sys.modules.get("ray")  # not imported when the command failed before Ray's start
+        if ray is not None and ray.is_initialized():
             if args.address:
                 require("ray.serve", PROG).delete(APP)
             else:
