@@ -149,8 +149,8 @@ def test_errors_answer_one_line_json_and_the_replica_keeps_serving(service, jpeg
 
 
 def test_overload_gets_503_with_retry_after_and_the_service_recovers(service, jpegs):
-    """A second application (made by the builder Serve config files use) that queues at most one request: 24 at
-    once overflow it."""
+    """A second application (made by the builder Serve config files use) whose replica holds at most 17 requests
+    (16 working, 1 queued): 24 at once overflow it, and the replica itself answers the rest 503 JSON."""
     url = service
     app = caption_serve.build({"threads": "1", "max_batch_size": "1", "max-queued": "1"})
     serve.run(app, name="overload", route_prefix="/overload")
