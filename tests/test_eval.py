@@ -128,3 +128,8 @@ def test_caption_eval_refuses_what_a_checkpoint_cannot_honour(tmp_path, capsys, 
     assert eval_main(["--model", str(ckpt), "--data", "synthetic", *flags]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_caption_attend_names_the_beams_flag(tmp_path, capsys):
+    assert attend_main([str(tmp_path / "x.jpg"), "--beams", "0"]) == 2
+    assert capsys.readouterr().err == "caption-attend: error: --beams must be between 1 and 16, got 0\n"  # not num_beams

@@ -12,6 +12,7 @@ from .errors import ModelError
 from .manifest import PRECISIONS
 from .preprocess import MAX_PIXELS
 from .render import attention_figure, save_rgb
+from .search import check_limits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> None:
+        check_limits(args.beams, None)  # a bad --beams is named as the flag, before the model loads
         search = {} if args.beams is None else {"num_beams": args.beams}
         folder = model_dir(args.model, say=lambda line: print(f"caption-attend: {line}", file=sys.stderr))
         cap = Captioner.load(folder, precision=args.precision, max_pixels=args.max_pixels, **search)
