@@ -74,11 +74,13 @@ def test_finetune_blocks_per_backbone():
 def test_lite0_stays_in_eval_mode_while_training():
     model = CaptionModel(ModelConfig(encoder="efficientnet-lite0", finetune_blocks=2, vocab_size=10,
                                      embed_dim=8, hidden_dim=8, attention_dim=8))
-    model.train()
-    assert not any(m.training for m in model.encoder.body.modules())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert torch.equal(model.encoder(x)[0], model.encoder(x)[0])  # no drop-connect, no batch statistics
+        evaluated = model.eval().encoder(x)[0]
+        model.train()
+        trained = model.encoder(x)[0]
+    assert not any(m.training for m in model.encoder.body.modules())
+    assert torch.equal(trained, evaluated)  # no drop-connect, no batch statistics: what eval mode computes
     assert model.decoder.training
 
 

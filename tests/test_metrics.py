@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
+from pycocoevalcap.bleu.bleu import Bleu
 
 from edgecap.runtime.errors import EdgecapError
 from edgecap.train import metrics
@@ -75,11 +77,19 @@ def test_meteor_java_process_is_closed(ptb_scores):
     assert all(m.meteor_p.poll() is not None and m.meteor_p.stdin.closed for m in made)
 
 
-def test_bleu4_fast_path_matches_simple_tokenizer():
+def test_bleu4_is_pycocoevalcap_bleu_on_simply_tokenized_text():
+    """bleu4 (early stopping's Java-free score) against pycocoevalcap's Bleu scorer called directly on captions
+    tokenized here by the documented rule: lowercase, non-word characters to spaces."""
+    def tokenized(text: str) -> str:
+        return " ".join(re.sub(r"[^a-z0-9']+", " ", text.lower()).split())
+
     for hyps in (GOOD, CLOSE, BAD):
-        expected = score_captions(REFS, hyps, tokenizer="simple", metrics=("BLEU",))["BLEU-4"]
-        assert bleu4(REFS, hyps) == expected
-    assert 0.0 < bleu4(REFS, CLOSE) < 1.0
+        gts = {k: [tokenized(r) for r in refs] for k, refs in REFS.items()}
+        res = {k: [tokenized(h)] for k, h in hyps.items()}
+        expected = Bleu(4).compute_score(gts, res, verbose=0)[0][3]
+        assert bleu4(REFS, hyps) == pytest.approx(expected, abs=1e-12)
+    assert bleu4(REFS, GOOD) == pytest.approx(1.0) and bleu4(REFS, BAD) < 1e-6
+    assert 0.2 < bleu4(REFS, CLOSE) < 1.0
 
 
 @pytest.mark.parametrize("tokenizer", [pytest.param("ptb", marks=needs_java), "simple"])

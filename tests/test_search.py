@@ -64,6 +64,17 @@ def test_greedy_is_wrong_and_beam_is_right():
     assert beam[0].finished
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_min_length_holds_back_an_end_that_is_more_likely(beams):
+    # <end> is the likeliest word at every step: only min_length keeps a caption going
+    table = {1: {END: 0.7, A: 0.3}, A: {END: 0.9, B: 0.1}, B: {END: 0.8, C: 0.2}, C: {END: 1.0}}
+    lengths = {}
+    for min_length in (0, 1, 2, 3):
+        (hyps,), _ = run([table], num_beams=beams, max_length=6, min_length=min_length, length_penalty=0.0)
+        lengths[min_length] = hyps[0].tokens
+    assert lengths == {0: [], 1: [A], 2: [A, B], 3: [A, B, C]}
+
+
 def test_length_penalty_chooses_between_short_and_long():
     # short: S -> <end>, total log 0.3 ; long: L L L L -> <end>, each 0.9 after a 0.7 start
     table = {1: {A: 0.3, B: 0.7}, A: {END: 1.0}, B: {C: 1.0}, C: {D: 1.0}, D: {END: 0.1, C: 0.9}}

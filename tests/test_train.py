@@ -212,6 +212,25 @@ def test_model_selection_by_dev_score(tmp_path, monkeypatch, select, best_epoch)
     assert torch.equal(best["model"]["decoder.fc.weight"], last["model"]["decoder.fc.weight"]) == (best_epoch == 2)
 
 
+def test_early_stop_after_patience_epochs_without_a_better_dev_score(tmp_path, monkeypatch, capsys):
+    scripted = iter([{"cider": c, "bleu4": 0.1, "exact": 0.0, "distinct": 5} for c in (0.5, 0.6, 0.4, 0.3, 0.2)])
+    monkeypatch.setattr("edgecap.train.trainer.dev_scores", lambda *a: next(scripted))
+    out = tmp_path / "run"
+    train(TrainConfig.from_flat(data="synthetic", epochs=10, patience=2, synthetic_train=16, synthetic_dev=4,
+                                batch_size=8, min_freq=1, embed_dim=8, hidden_dim=16, attention_dim=8, output=str(out)))
+    assert len((out / "log.jsonl").read_text().splitlines()) == 4  # best at 2, then 2 epochs without a better one
+    assert load_checkpoint(out / "best.pt")["metrics"]["epoch"] == 2
+    assert "early stop: no better dev cider for 2 epochs (best epoch 2)" in capsys.readouterr().out
+
+
+def test_augment_with_cached_features_is_refused(tmp_path, capsys):
+    assert train_main(["--data", "synthetic", "--encoder", "resnet50", "--image-size", "64", "--cache-features",
+                       "--augment", "--synthetic-train", "8", "--synthetic-dev", "4", "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--augment" in err and "--no-cache-features" in err
+    assert not list(tmp_path.glob("*.pt"))
+
+
 def test_frozen_resnet50_feature_cache(tmp_path):
     cfg = dict(data="synthetic", encoder="resnet50", image_size=64, epochs=1, synthetic_train=24, synthetic_dev=8,
                batch_size=8, min_freq=1, embed_dim=16, hidden_dim=32, attention_dim=16, decoder="plain",

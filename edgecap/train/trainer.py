@@ -297,6 +297,9 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
     if cached and not model.encoder.frozen:
         raise ValueError("--cache-features needs a frozen encoder (pretrained weights, finetune_blocks 0, no "
                          "learned pool)")
+    if cached and cfg.augment:
+        raise ValueError("--augment changes each image, but this run trains on cached features (the default for a "
+                         "frozen encoder): pass --no-cache-features to augment, or leave out --augment")
     if ctx.main:
         print(f"data: {desc}\nmodel: {mcfg.encoder} + {mcfg.decoder}, vocabulary {len(vocab)}, "
               f"{_encoder_mode(model.encoder, cached, mcfg.encoder_weights)}, {ctx.world} process(es) on {ctx.device}",
