@@ -27,9 +27,12 @@ APP = "edgecap"
 # HAProxy retries a request whose replica died on another (captioning is idempotent): on a refused connection,
 # and on a connection closed with no answer or a broken one; 6 tries outlast its mark-down of a server after 3
 # errors, so that with one replica the last ones reach Serve's fallback proxy, which holds them until the
-# replacement replica is up. A request is retried only when it fits HAProxy's buffer (1 MiB here, 16 kB by default).
+# replacement replica is up. A request is retried only when it fits HAProxy's buffer (1 MiB here, 16 kB by
+# default). Round robin sends a retry to the next replica; least-connections (Ray's default) picked the dead one,
+# which has none, again, until the tries ran out (a plain-text 500, or a keep-alive connection closed unanswered).
 HAPROXY_RETRIES = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
-                   "RAY_SERVE_HAPROXY_RETRIES": "6", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 20)}
+                   "RAY_SERVE_HAPROXY_RETRIES": "6", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 20),
+                   "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "roundrobin"}
 # --ingress -> the environment a Ray instance needs for it (set before the instance starts; a cluster's nodes
 # need it when they start: `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`, and
 # the HAPROXY_RETRIES settings)
