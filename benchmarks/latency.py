@@ -126,7 +126,7 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
     latency["decoder_per_word"] = percentiles([t["decoder_per_word_ms"] for t in runs["greedy"]])
     batch_ms = [t["total_ms"] for t in throughput["greedy"]]
     return {"engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
-            "provider": provider, "latency_ms": latency,
+            "provider": provider, "placement": getattr(engine, "placement", None), "latency_ms": latency,
             "runs": {search: len(r) for search, r in runs.items()},
             "mean_words": {s: float(np.mean([len(t) + 1 for t in toks])) for s, toks in tokens.items()},  # <end> too
             "throughput": {"batch": args.batch, "images_per_s": args.batch * len(batch_ms) * 1e3 / sum(batch_ms),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import threading
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,13 @@ from ..console import choice_error
 from ..engine import STATE_NAMES, Arrays, Engine, StepOutput
 from ..errors import ModelError
 from ..manifest import GraphSpec, Manifest, TensorSpec
+from . import TENSORRT
 
 log = logging.getLogger(__name__)
 EXPORT_FLAG = {"fp32": "export-onnx without --drop-fp32", "fp16": "export-onnx --fp16", "int8": "export-onnx --int8"}
+
+TRT_WORKSPACE = 2 << 30  # bytes TensorRT may use while it builds an engine
+TRT_CACHE = ".trt-cache"  # engine and timing caches, in the model folder when it is writable
 
 OPTIMIZATION = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                 "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -39,6 +46,49 @@ def _signature(tensors: Sequence[TensorSpec | ort.NodeArg]) -> list[str]:
     """`name[?,512]` per tensor: named (batch) and unknown sizes are `?`."""
     return [f"{t.name}[{','.join(str(d) if isinstance(d, int) and d > 0 else '?' for d in t.shape)}]"
             for t in tensors]
+
+
+def trt_cache_dir(folder: Path) -> Path:
+    """Where TensorRT keeps the engines it built and its timing cache, so that a restart (minutes on a Jetson) is
+    a load: `FOLDER/.trt-cache`, or, for a folder this user cannot write (an installed package's bundled model),
+    `$XDG_CACHE_HOME/edgecap/trt/NAME-HASH` keyed by the folder's manifest."""
+    if os.access(folder, os.W_OK):
+        return folder / TRT_CACHE
+    key = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "edgecap" / "trt" / f"{folder.name}-{key}"
+
+
+def tensorrt_options(folder: Path, precision: str) -> dict[str, object]:
+    """ONNX Runtime's TensorRT provider options: engine and timing caches (see `trt_cache_dir`), TensorRT's fp16
+    or int8 kernels for those graphs (int8: the graphs' own Q/DQ scales, no calibration table), a workspace cap."""
+    cache = str(trt_cache_dir(folder))
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": cache,
+            "trt_fp16_enable": precision == "fp16", "trt_int8_enable": precision == "int8",
+            "trt_max_workspace_size": TRT_WORKSPACE}
+
+
+def provider_list(providers: Sequence[str], folder: Path, precision: str) -> list[str | tuple[str, dict]]:
+    """The providers as ONNX Runtime takes them, TensorRT with its options."""
+    return [(p, tensorrt_options(folder, precision)) if p == TENSORRT else p for p in providers]
+
+
+def node_placement(subgraphs: Iterable) -> dict[str, int]:
+    """Nodes per execution provider, from a session's `get_provider_graph_assignment_info()`."""
+    placed: Counter[str] = Counter()
+    for subgraph in subgraphs:
+        placed[subgraph.ep_name] += len(subgraph.get_nodes())
+    return dict(placed)
+
+
+def fallback_note(graph: str, placed: dict[str, int], wanted: str) -> str | None:
+    """`encoder.onnx: 3 of 120 nodes run on CUDAExecutionProvider, not TensorrtExecutionProvider`, or None."""
+    others = {ep: n for ep, n in placed.items() if ep != wanted}
+    if not others:
+        return None
+    where = ", ".join(f"{n} on {ep}" for ep, n in others.items())
+    return f"{graph}: {sum(others.values())} of {sum(placed.values())} nodes run elsewhere than {wanted} ({where})"
 
 
 class OrtEngine(Engine):
@@ -77,19 +127,24 @@ class OrtEngine(Engine):
         # 12.07; spinning on after the run 18.2 / 29.1 / 33.1.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
         opts.add_session_config_entry("session.force_spinning_stop", "1")
+        opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # -> self.placement
         opts.log_severity_level = 3
         self.graphs = manifest.graphs[precision]
         self.sessions = {}
+        self.placement: dict[str, dict[str, int]] = {}  # graph role -> nodes per provider that ORT assigned
         for role, spec in self.graphs.items():
             try:
                 self.sessions[role] = ort.InferenceSession(str(Path(folder) / spec.file), opts,
-                                                           providers=list(providers))
+                                                           providers=provider_list(providers, Path(folder), precision))
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 raise ModelError(f"ONNX Runtime cannot load {spec.file}: {str(e).splitlines()[0][:200]}") from None
             _check_io(self.sessions[role], spec)
             if self.sessions[role].get_providers()[0] != wanted:
                 raise ModelError(f"ONNX Runtime could not start {wanted} for {spec.file} "
                                  f"(it fell back to {self.sessions[role].get_providers()[0]})")
+            self.placement[role] = node_placement(self.sessions[role].get_provider_graph_assignment_info())
+            if note := fallback_note(spec.file, self.placement[role], wanted):
+                log.warning(note)  # a partial fallback (TensorRT -> CUDA -> CPU) is reported, not silent
         self.context_names = tuple(manifest.context_names)
         self.provider = wanted
         self.io_binding = wanted != "CPUExecutionProvider"
