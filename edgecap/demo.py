@@ -10,14 +10,18 @@ caption-attend figure.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from edgecap.export.exporter import ExportOptions, export_model
 from edgecap.runtime.attend import main as caption_attend
 from edgecap.runtime.captioner import BUNDLED, Captioner
 from edgecap.runtime.cli import main as caption_run
 from edgecap.runtime.console import run_main
+from edgecap.runtime.files import atomic_write
 from edgecap.runtime.render import save_rgb
 from edgecap.train.synthetic import SyntheticSplit
 from edgecap.train.trainer import TrainConfig, train
@@ -34,8 +38,16 @@ DEMO_RUNS = {"attention": {"synthetic_train": 4000, "epochs": 8, "lr": 2e-3},
                        "encoder_weights": "{output}/attention/best.pt"}}
 
 
-def _compare(model: Path, split: SyntheticSplit, precision: str) -> None:
-    """Runtime captions of held-out scenes beside their truth."""
+RESULTS = "results.json"  # in the output folder: what the README's demo numbers come from
+
+
+def write_results(path: Path, results: dict[str, Any]) -> None:
+    """The demo's numbers as JSON (atomically: a killed demo leaves the previous file or this one)."""
+    atomic_write(path, lambda f: f.write((json.dumps(results, indent=1) + "\n").encode()))
+
+
+def _compare(model: Path, split: SyntheticSplit, precision: str) -> dict[str, int]:
+    """Runtime captions of held-out scenes beside their truth; -> exact matches, scenes and beam width."""
     cap = Captioner.load(model, precision=precision)
     results = cap.caption([split.image(i) for i in range(len(split))])
     right = 0
@@ -44,6 +56,7 @@ def _compare(model: Path, split: SyntheticSplit, precision: str) -> None:
         right += r.text == truth
         print(f"  {'✓' if r.text == truth else '✗'} {r.text:<48} | truth: {truth}")
     print(f"  {right}/{len(split)} held-out scenes captioned exactly ({precision}, beam {cap.options.num_beams})")
+    return {"exact": right, "scenes": len(split), "beams": cap.options.num_beams}
 
 
 def _bundled_on_photos(out: Path, flickr8k: Path, count: int) -> int:
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         out = Path(args.output)
+        start = time.perf_counter()
+        results: dict[str, Any] = {"decoders": {}}
         scenes = SyntheticSplit("test", args.show)
         (out / "scenes").mkdir(parents=True, exist_ok=True)
         for i in range(len(scenes)):
@@ -79,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             run = out / decoder
             print(f"\n== 1. train the {decoder} decoder on synthetic scenes ({run_settings['epochs']} epochs, PyTorch)")
             settings = {k: v.format(output=out) if isinstance(v, str) else v for k, v in run_settings.items()}
+            started = time.perf_counter()
             train(TrainConfig.from_flat(**DEMO_MODEL, **settings, decoder=decoder, output=str(run), force=True))
+            trained = time.perf_counter()
             print(f"\n== 2. export {run / 'best.pt'} to ONNX (fp32 + int8), verified against PyTorch")
             model = export_model(run / "best.pt", ExportOptions(output=run / "model", int8=True, force=True))
+            exported = time.perf_counter()
             print(f"\n== 3. {decoder}: held-out scenes through the torch-free runtime")
-            for precision in ("fp32", "int8"):
-                _compare(model, scenes, precision)
+            results["decoders"][decoder] = {
+                "train_s": round(trained - started, 1), "export_s": round(exported - trained, 1),
+                **{precision: _compare(model, scenes, precision) for precision in ("fp32", "int8")}}
+            write_results(out / RESULTS, results)
             if decoder == "plain":
                 print("  (Show and Tell, on the encoder the attention run trained, frozen: one vector for the whole "
                       "image has to\n   hold both shapes and their order; Show, Attend and Tell looks again at the "
@@ -93,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         status = caption_run(["--model", str(out / "attention" / "model"), str(out / "scenes"),
                               "--save", str(out / "captioned"), "--attention"])
         print(f"\npictures in {out / 'captioned'}/ (captions drawn on; *.attention.png: each word's attention)")
+        results["synthetic_s"] = round(time.perf_counter() - start, 1)
+        write_results(out / RESULTS, results)
+        print(f"results in {out / RESULTS}")
         print("\n== 5. the model that ships with edgecap, on real photos")
         if not args.flickr8k.is_dir():
             print(f"  skipped: no Flickr8k at {args.flickr8k} (pass --flickr8k DIR)")

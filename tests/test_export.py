@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -34,8 +35,11 @@ def test_export_writes_verified_folder(exported, decoder):
     assert ("alpha" in step.output_names()) == (decoder == "attention")
     props = {p.key: p.value for p in onnx.load(folder / step.file).metadata_props}
     assert props["edgecap.role"] == "decoder_step" and props["edgecap.decoder"] == decoder
-    agreement = m.precision_notes["int8"]["agreement"]["greedy"]
-    assert agreement["images"] == 16 and agreement["identical"] >= 8
+    for precision in ("int8", "fp16"):  # the fixture gives 16/16 on both searches
+        agreement = m.precision_notes[precision]["agreement"]
+        assert set(agreement) == {"greedy", "beam3"}, precision
+        for search, counts in agreement.items():
+            assert counts["images"] == 16 and counts["identical"] >= 15, (precision, search, counts)
 
 
 def test_manifest_round_trip(exported, tmp_path):
@@ -125,4 +129,37 @@ def test_export_default_folder_and_force(trained, tmp_path):
         os.umask(mask)
     assert Manifest.load(tmp_path / "best-onnx").decoder == "plain"
     assert (tmp_path / "best-onnx").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: a team can read it
-    assert export_main([str(ckpt), "--verify-count", "4", "--force", "--no-verify"]) == 0
+    folder = tmp_path / "best-onnx"
+    (folder / "stale.onnx").write_bytes(b"left from another export")
+    assert Manifest.load(folder).search.num_beams == 3
+    assert export_main([str(ckpt), "--force", "--no-verify", "--beams", "4", "--max-length", "12"]) == 0
+    after = Manifest.load(folder)  # the replaced folder: its own files only, the search defaults asked for
+    assert not (folder / "stale.onnx").exists() and after.decoder == "plain"
+    assert (after.search.num_beams, after.search.max_length) == (4, 12)
+    assert Captioner.load(folder).options.num_beams == 4
+
+
+def test_the_shipped_recipe_and_the_image_flags(trained, exported, tmp_path):
+    """The bundled folder's recipe (`--int8 --keep-fp32 encoder --drop-fp32`), --verify-images and --calib."""
+    ckpt = trained("plain")
+    split = SyntheticSplit("test", 6, image_size=112)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(len(split)):
+        cv2.imwrite(str(photos / f"scene{i}.png"), cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
+    shipped = tmp_path / "shipped"
+    assert export_main([str(ckpt), "-o", str(shipped), "--int8", "--keep-fp32", "encoder", "--drop-fp32",
+                        "--verify-images", str(photos)]) == 0
+    m = Manifest.load(shipped)
+    files = {role: g.file for role, g in m.graphs["int8"].items()}
+    assert set(m.graphs) == {"int8"} and files == {"encoder": "encoder.onnx", "decoder_init": "decoder_init.int8.onnx",
+                                                   "decoder_step": "decoder_step.int8.onnx"}
+    assert sorted(p.name for p in shipped.iterdir()) == sorted([MANIFEST, *files.values()])
+    assert {s: a["images"] for s, a in m.precision_notes["int8"]["agreement"].items()} == {"greedy": 6, "beam3": 6}
+    images = [split.image(i) for i in range(len(split))]
+    fp32 = [c.text for c in Captioner.load(exported["plain"], precision="fp32").caption(images)]
+    assert sum(a == c.text for a, c in zip(fp32, Captioner.load(shipped).caption(images))) >= 5
+
+    calibrated = tmp_path / "calibrated"
+    assert export_main([str(ckpt), "-o", str(calibrated), "--int8", "--calib", str(photos), "--no-verify"]) == 0
+    assert json.loads((calibrated / "calibration.json").read_text())["images"] == 6  # not the 64 train scenes

@@ -323,7 +323,7 @@ def caption_scenes(captioner: Captioner, source: Source, args: argparse.Namespac
             subtitles.add(event)
 
     timeline = Timeline(captioner, gate_options(args), started, ended, source=name)
-    going, end = True, None
+    going, end, fps = True, None, getattr(source, "fps", 0.0)
     try:
         for frame in source:
             if frame.rgb is None:
@@ -339,7 +339,7 @@ def caption_scenes(captioner: Captioner, source: Source, args: argparse.Namespac
                 going = output.show_or_save(frame, event.caption)
             stats.add({**{k: v for k, v in timeline.timings.items() if k in STAGES},
                        "end_to_end_ms": (time.perf_counter() - start) * 1e3})
-            end = (frame.time or 0.0) + 1 / max(getattr(source, "fps", 0.0), 1e-3) if not source.live else frame.time
+            end = (frame.time or 0.0) + (1 / fps if fps > 0 else 0.0)  # the last event lasts through its frame
             if not going:
                 break
     except DataError as e:  # a live source that dropped for good

@@ -9,7 +9,7 @@ not a new scene), or when `refresh` seconds have passed without one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,7 +81,6 @@ class Event:
     caption: Caption
     end: float | None = None
     source: str = ""
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The JSON record of an event (caption-run --json on a video or camera)."""
