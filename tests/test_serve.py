@@ -78,9 +78,28 @@ def jpegs() -> list[bytes]:
             for i in range(IMAGES)]
 
 
+def listener(url: str) -> str:
+    """The name (comm) of the process that listens on the URL's port: which ingress answers."""
+    port = int(url.rsplit(":", 1)[1])
+    inodes = {f"socket:[{fields[9]}]" for table in ("/proc/net/tcp", "/proc/net/tcp6") if Path(table).exists()
+              for fields in (line.split() for line in Path(table).read_text().splitlines()[1:])
+              if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A"}  # 0A: LISTEN
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) in inodes:
+                return (fd.parent.parent / "comm").read_text().strip()
+        except OSError:  # a process or descriptor that went away meanwhile
+            continue
+    raise AssertionError(f"nothing listens on {url}")
+
+
 def post(url: str, data: bytes, kind: str = "image/jpeg", session=requests, **params):
     return session.post(f"{url}/v1/caption", data=data, headers={"Content-Type": kind}, params=params,
                         timeout=TIMEOUT)
+
+
+def test_the_default_ingress_is_haproxy(service):
+    assert caption_serve.build_parser().get_default("ingress") == "haproxy" and listener(service) == "haproxy"
 
 
 def test_concurrent_requests_match_the_api_and_are_batched(service, jpegs):

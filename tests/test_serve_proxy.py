@@ -12,7 +12,7 @@ from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.preprocess import decode_image
 from edgecap.scale import serve as caption_serve
 
-from test_serve import TIMEOUT, free_port, jpegs, post  # noqa: F401  (jpegs: the shared fixture)
+from test_serve import TIMEOUT, free_port, jpegs, listener, post  # noqa: F401  (jpegs: the shared fixture)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,10 @@ def service():
                                                         "--threads", "1"])
         yield caption_serve.start(args)
         ray.shutdown()
+
+
+def test_serves_proxy_answers_not_haproxy(service):
+    assert listener(service).startswith("ray::ProxyActor")
 
 
 def test_proxy_ingress_serves_the_same_captions(service, jpegs):
