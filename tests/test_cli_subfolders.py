@@ -38,3 +38,13 @@ def test_caption_batch_lists_a_folder_as_caption_run_does(tree: Path, recursive:
 def test_a_glob_through_a_link_loop_lists_each_file_once(tree: Path) -> None:
     assert expand(str(tree / "**" / "*.*")) == \
         [str(tree / n) for n in ("a.png", "gone.png", "sub/b.jpg", "sub/deeper/c.gif")]
+
+
+def test_caption_batch_takes_no_recursive_too(tree: Path) -> None:
+    from edgecap.scale.batch import build_parser
+    from edgecap.scale.collection import image_paths
+
+    args = build_parser().parse_args([str(tree), "-o", "out.jsonl", "--no-recursive"])
+    assert args.recursive is False and build_parser().parse_args([str(tree), "-o", "x"]).recursive is True
+    assert image_paths(args.sources, warn=print, recursive=args.recursive) == [str(tree / "a.png"),
+                                                                              str(tree / "gone.png")]

@@ -35,9 +35,12 @@ FAIL_ONCE = "EDGECAP_BATCH_FAIL_ONCE"  # test hook: a marker path; the first act
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="image file, folder (searched recursively), glob, list file (.txt: one path per line), "
+                   help="image file, folder (with its subfolders), glob, list file (.txt: one path per line), "
                         "or a URI Ray Data / pyarrow can read (s3://, gs://, file://)")
     add_model_arguments(p, threads=1)
+    p.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                   help="caption the images in a folder's subfolders too (default); --no-recursive: its top level "
+                        "only, as caption-run --no-recursive")
     p.add_argument("--output", "-o", required=True, type=Path, metavar="OUT",
                    help="JSONL file (or Parquet folder with --format parquet); rows already there are kept")
     p.add_argument("--format", default="jsonl", choices=FORMATS, help="output format (default: jsonl)")
@@ -97,7 +100,7 @@ def caption_batch(args: argparse.Namespace) -> int:
         unusable.append(line)
         print(f"{PROG}: warning: {line}", file=sys.stderr)
 
-    paths = image_paths(args.sources, warn=warn)
+    paths = image_paths(args.sources, warn=warn, recursive=args.recursive)
     with open_output(args.output, args.format) as output:
         todo = [p for p in paths if p not in output.done]
         if len(todo) < len(paths):

@@ -15,13 +15,14 @@ from edgecap.runtime.sources import folder_images, glob_images, is_image
 LIST_EXTS = (".txt", ".lst")
 
 
-def image_paths(sources: list[str], warn: Callable[[str], None]) -> list[str]:
-    """Every image path the sources name, each once, in order. A source that names nothing is warned about;
-    when none names anything, its error ends the command."""
+def image_paths(sources: list[str], warn: Callable[[str], None], recursive: bool = True) -> list[str]:
+    """Every image path the sources name, each once, in order (folders with their subfolders unless not
+    `recursive`). A source that names nothing is warned about; when none names anything, its error ends the
+    command."""
     paths, errors = [], []
     for source in sources:
         try:
-            paths += expand(source)
+            paths += expand(source, recursive)
         except DataError as e:
             errors.append(e)
             warn(str(e))
