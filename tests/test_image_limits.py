@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import functools
-import struct
-import zlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+
+from conftest import grey_png
 
 from edgecap.runtime import preprocess
 from edgecap.runtime.attend import main as attend_main
@@ -18,34 +17,6 @@ from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.cli import main as run_main
 from edgecap.runtime.errors import DataError, ImageTooLarge
 from edgecap.train.synthetic import SyntheticSplit
-
-ROWS_PER_BLOCK = 512
-
-
-@functools.cache
-def grey_png(width: int, height: int) -> bytes:
-    """A PNG of one grey level made without holding or compressing all its pixels: each block of rows is
-    deflated once, flushed to a byte boundary with no back-references, and repeated (a 40000x40000 PNG: 1.6 MB
-    in under a second)."""
-    def deflated(rows: int) -> tuple[bytes, bytes]:
-        raw = (b"\x00" + b"\x80" * width) * rows  # a filter byte, then the row's pixels
-        packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-        return raw, packer.compress(raw) + packer.flush(zlib.Z_FULL_FLUSH)
-
-    (raw, block), (rest_raw, rest) = deflated(ROWS_PER_BLOCK), deflated(height % ROWS_PER_BLOCK)
-    checksum = 1
-    for _ in range(height // ROWS_PER_BLOCK):
-        checksum = zlib.adler32(raw, checksum)
-    checksum = zlib.adler32(rest_raw, checksum)
-    stream = (b"\x78\xda" + block * (height // ROWS_PER_BLOCK) + rest + b"\x03\x00"  # + an empty final block
-              + struct.pack(">I", checksum))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:

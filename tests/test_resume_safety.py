@@ -5,8 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+
+from edgecap.runtime.errors import ModelError
 from edgecap.train.checkpoint import load_checkpoint
 from edgecap.train.cli import main as train_main
+from edgecap.train.trainer import TrainConfig, train
 
 TINY = ["--data", "synthetic", "--synthetic-train", "16", "--synthetic-dev", "4", "--batch-size", "8",
         "--min-freq", "1", "--embed-dim", "8", "--hidden-dim", "16", "--attention-dim", "8"]
@@ -54,12 +58,10 @@ def test_a_resume_refuses_a_folder_of_another_run(tmp_path, capsys):
     assert train_main(["--resume", str(tmp_path / "at-epoch-1" / "last.pt"), "--output", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is at epoch 2, further along than the resumed checkpoint (epoch 1)" in err
-    # the run's own best.pt is not its last.pt either
-    assert train_main(["--resume", str(run / "best.pt")]) == 2
     # another run's folder, not further along
     assert train_main(["--resume", str(tmp_path / "at-epoch-1" / "last.pt"), "--output", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "holds another run" in err[1]
+    assert len(err) == 1 and "holds another run" in err[0]
     assert {folder: _snapshot(folder) for folder in (run, other)} == before
 
     # branching off into a new folder is what --output is for
@@ -79,3 +81,17 @@ def test_a_new_run_refuses_a_folder_holding_a_run_unless_forced(tmp_path, capsys
     assert _snapshot(run) == before
     assert train_main([*TINY, "--epochs", "1", "--output", str(run), "--force"]) == 0
     assert _epoch(run / "last.pt") == 1 and len((run / "log.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("scores, allowed", [((0.5, 0.3), False), ((0.3, 0.5), True)])
+def test_a_runs_own_best_pt_resumes_only_at_its_last_epoch(tmp_path, monkeypatch, scores, allowed):
+    scripted = iter([{"cider": c, "bleu4": 0.1, "exact": 0.0, "distinct": 5} for c in scores])
+    monkeypatch.setattr("edgecap.train.trainer.dev_scores", lambda *a: next(scripted))
+    cfg = TrainConfig.from_flat(data="synthetic", epochs=2, synthetic_train=16, synthetic_dev=4, batch_size=8,
+                                min_freq=1, embed_dim=8, hidden_dim=16, attention_dim=8, output=str(tmp_path))
+    train(cfg)
+    if allowed:  # best.pt is epoch 2, the same state as last.pt: nothing is lost by resuming it
+        train(cfg, resume=tmp_path / "best.pt")
+    else:        # best.pt is epoch 1: resuming it would overwrite epoch 2
+        with pytest.raises(ModelError, match="is at epoch 2, further along than the resumed checkpoint"):
+            train(cfg, resume=tmp_path / "best.pt")

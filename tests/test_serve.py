@@ -7,10 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +20,8 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
+from conftest import grey_png
+
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.preprocess import decode_image
 from edgecap.scale import serve as caption_serve
@@ -29,18 +29,6 @@ from edgecap.train.synthetic import SyntheticSplit
 
 IMAGES, REQUESTS, CLIENTS = 12, 100, 8
 TIMEOUT = 60  # seconds per HTTP request: no test waits forever
-
-
-def bomb_png(side: int) -> bytes:
-    """A valid PNG of side x side pixels of one colour (1-bit grey), written without ever holding the pixels:
-    a decompression bomb of 50 kB (side 20000) or 200 kB (side 40000, past OpenCV's own limit)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows, z = (b"\0" * (1 + (side + 7) // 8)) * 500, zlib.compressobj(9)
-    idat = b"".join(z.compress(rows) for _ in range(side // 500)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def bad_model(folder: Path) -> Path:
@@ -152,7 +140,7 @@ def test_errors_answer_one_line_json_and_the_replica_keeps_serving(service, jpeg
     url = service
     r = {"corrupt": lambda: post(url, b"\xff\xd8 not really a jpeg"),
          "too large": lambda: post(url, np.random.default_rng(0).bytes(300_000)),
-         "bomb": lambda: post(url, bomb_png(20_000), "image/png"),
+         "bomb": lambda: post(url, grey_png(20_000, 20_000), "image/png"),
          "text": lambda: post(url, b"hello", "text/plain"),
          "beams=0": lambda: post(url, jpegs[0], beams=0),
          "beams=abc": lambda: post(url, jpegs[0], beams="abc"),

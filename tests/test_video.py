@@ -8,46 +8,50 @@ dissimilar scenes with it, each held 1.5 s under camera noise (sensor noise, sha
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pysubs2
 import pytest
+from conftest import drawn_scenes
 
 from edgecap.runtime import cli, sources
 from edgecap.runtime.captioner import BUNDLED, Captioner
 from edgecap.runtime.cli import main as run_main
-from edgecap.runtime.scenes import GateOptions, SceneGate, timestamp
-from edgecap.runtime.timeline import caption_stream
+from edgecap.runtime.scenes import Event, GateOptions, SceneGate, timestamp
+from edgecap.runtime.timeline import Timeline
 
+ROOT = Path(__file__).resolve().parents[1]
 FPS, HOLD_FRAMES = 10, 15
 CUTS = [0.0, 1.5, 3.0, 4.5]  # each scene's first frame, in seconds
 
 
-def drawn_scenes() -> list[np.ndarray]:
-    """Beach, night, snow, grass: each far from the next for the bundled model's features (BGR)."""
-    beach = np.full((224, 224, 3), (230, 170, 120), np.uint8)
-    beach[120:] = (150, 200, 220)
-    night = (np.random.default_rng(0).random((224, 224, 3)) * 40).astype(np.uint8)
-    snow = np.full((224, 224, 3), (245, 240, 235), np.uint8)
-    snow[:60] = (220, 180, 150)
-    grass = np.full((224, 224, 3), (50, 140, 60), np.uint8)
-    grass[80:150, 60:170] = (30, 30, 30)
-    return [beach, night, snow, grass]
+def load_benchmark():
+    """benchmarks/video.py, whose camera noise the test videos share."""
+    spec = importlib.util.spec_from_file_location("video_benchmark", ROOT / "benchmarks" / "video.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def noisy(bgr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    dx, dy = rng.integers(-2, 3, 2)
-    moved = cv2.warpAffine(bgr, np.float32([[1, 0, dx], [0, 1, dy]]), (224, 224), borderMode=cv2.BORDER_REFLECT)
-    frame = moved.astype(np.float32) * (1 + rng.uniform(-0.04, 0.04)) + rng.normal(0, 4, bgr.shape)
-    _, jpeg = cv2.imencode(".jpg", np.clip(frame, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 75])
-    return cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+noisy = load_benchmark().camera_noise
+
+
+def run_timeline(captioner: Captioner, clip: Path, gate: GateOptions | None,
+                 on_start: Callable[[Event], None] = lambda e: None) -> Timeline:
+    timeline = Timeline(captioner, gate, on_start)
+    for frame in sources.open_source(str(clip)):
+        timeline.feed(frame.rgb, frame.time, frame.index)
+    timeline.close()
+    return timeline
 
 
 def write_video(path: Path, fourcc: str) -> Path:
@@ -87,14 +91,13 @@ def test_the_gate_waits_out_a_flash_and_refreshes():
 
 
 def test_one_event_per_cut_and_none_inside_a_held_scene(clip, captioner):
-    frames = ((f.rgb, f.time, f.index) for f in sources.open_source(str(clip)))
     events = []
-    timeline = caption_stream(captioner, frames, GateOptions(), on_start=events.append)
+    timeline = run_timeline(captioner, clip, GateOptions(), events.append)
     assert len(events) == len(CUTS)
     for event, cut in zip(events, CUTS):
         assert 0 <= event.start - cut <= 0.5, (event.start, cut)
     assert (timeline.counts.encoder_calls, timeline.counts.decoder_calls) == (60, 4)
-    every = caption_stream(captioner, ((f.rgb, f.time, f.index) for f in sources.open_source(str(clip))), None)
+    every = run_timeline(captioner, clip, None)
     assert every.counts.decoder_calls == 60  # what --every-frame pays
 
 
@@ -209,3 +212,14 @@ def test_subtitles_need_a_video_or_camera(tmp_path, capsys):
 
 def test_timestamps():
     assert timestamp(3723.4567) == "01:02:03.457" and timestamp(0.5, ",") == "00:00:00,500"
+
+
+def test_an_annotated_video_of_every_third_frame_lasts_as_long(clip, tmp_path, capsys):
+    out = tmp_path / "third.avi"
+    assert run_main(["--model", str(BUNDLED), "--threads", "1", "--quiet", "--every", "3", "--save", str(out),
+                     str(clip)]) == 0
+    video = cv2.VideoCapture(str(out))
+    frames, fps = video.get(cv2.CAP_PROP_FRAME_COUNT), video.get(cv2.CAP_PROP_FPS)
+    video.release()
+    assert frames == 20 and frames / fps == pytest.approx(60 / FPS, rel=0.01)  # 6 s, as the source
+    assert len(capsys.readouterr().out.splitlines()) == len(CUTS)

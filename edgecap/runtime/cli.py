@@ -204,12 +204,13 @@ class Output:
             print(f"{escape(frame.source)}\t{caption.text}", flush=True)
         return self.show_or_save(frame, caption)
 
-    def show_or_save(self, frame: Frame, caption: Caption) -> bool:
-        """The frame with its caption into the --save folder and the --show window; False once it is closed."""
-        if self.save is None and not self.show:
+    def show_or_save(self, frame: Frame, caption: Caption, save: bool = True) -> bool:
+        """The frame with its caption into the --save folder (unless not `save`) and the --show window; False once
+        the window is closed."""
+        if (self.save is None or not save) and not self.show:
             return True
         annotated = draw_caption(frame.rgb, caption.text)
-        if self.save is not None:
+        if self.save is not None and save:
             name = self.name(frame.source)
             save_rgb(self.save / f"{name}.jpg", annotated)
             if self.attention:
@@ -335,11 +336,12 @@ def caption_scenes(captioner: Captioner, source: Source, args: argparse.Namespac
             event = timeline.feed(frame.rgb, frame.time or 0.0, frame.index)
             if video is not None:
                 video.write(frame.rgb, event.caption)
-            elif event is not current and (args.save is not None or args.show):
-                going = output.show_or_save(frame, event.caption)
+            new = event is not current and args.save is not None and video is None  # a JPEG per event
+            if new or args.show:  # the window shows every frame, with the current caption
+                going = output.show_or_save(frame, event.caption, save=new)
             stats.add({**{k: v for k, v in timeline.timings.items() if k in STAGES},
                        "end_to_end_ms": (time.perf_counter() - start) * 1e3})
-            end = (frame.time or 0.0) + (1 / fps if fps > 0 else 0.0)  # the last event lasts through its frame
+            end = (frame.time or 0.0) + (args.every / fps if fps > 0 else 0.0)  # the last event lasts its frames
             if not going:
                 break
     except DataError as e:  # a live source that dropped for good
@@ -359,8 +361,8 @@ def scene_writers(args: argparse.Namespace, sources: list[Source],
         raise EdgecapError("--subtitles and --save VIDEO take one video, camera or stream source")
     subtitles = Subtitles(args.subtitles) if args.subtitles else None
     video = None
-    if saves_video(args):  # at the source's rate (a camera's: --max-fps, else 25)
-        video = AnnotatedVideo(args.save, getattr(sources[0], "fps", 0.0) or args.max_fps or 25.0)
+    if saves_video(args):  # at the source's rate over --every (a camera's: --max-fps, else 25): the same duration
+        video = AnnotatedVideo(args.save, (getattr(sources[0], "fps", 0.0) or args.max_fps or 25.0) / args.every)
         stack.callback(video.close)
     return subtitles, video
 

@@ -92,7 +92,8 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 def header_size(buf: np.ndarray, name: str, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) from an encoded image's header, without decoding its pixels; None when Pillow does not
-    know the format (OpenCV may still decode it, and the decoded size is checked then)."""
+    know the format, or refuses a size past its own limit that `max_pixels` allows (OpenCV may still decode it,
+    and the decoded size is checked then)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

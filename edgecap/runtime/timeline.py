@@ -4,7 +4,7 @@ events close, and an annotated video with the current caption on every frame."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,16 +135,3 @@ class AnnotatedVideo:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.release()
-
-
-def caption_stream(captioner: Captioner, frames: Iterable[tuple[np.ndarray, float, int]], gate: GateOptions | None,
-                   on_start: Callable[[Event], None] = lambda e: None,
-                   on_end: Callable[[Event], None] = lambda e: None, source: str = "") -> Timeline:
-    """Run a timeline over (rgb, time, index) frames to their end; -> the closed timeline (counts, last event)."""
-    timeline = Timeline(captioner, gate, on_start, on_end, source)
-    try:
-        for rgb, t, index in frames:
-            timeline.feed(rgb, t, index)
-    finally:
-        timeline.close()
-    return timeline

@@ -23,7 +23,8 @@ from edgecap.runtime.cli import add_model_arguments, captioner_kwargs
 from edgecap.runtime.console import run_main
 from edgecap.runtime.errors import EdgecapError
 
-from .cluster import Stop, add_cluster_arguments, check_model, connect, ignore_signals, require, stop_on_signals
+from .cluster import (Stop, add_cluster_arguments, check_model, connect, ignore_signals, require,
+                      signals_restored, stop_on_signals)
 from .collection import image_paths
 from .outputs import open_output
 
@@ -146,7 +147,8 @@ def run_pipeline(args: argparse.Namespace, captioner: dict, todo: list[str], out
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(lambda: caption_batch(args), PROG)
+    with signals_restored():
+        return run_main(lambda: caption_batch(args), PROG)
 
 
 if __name__ == "__main__":

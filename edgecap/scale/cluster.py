@@ -101,6 +101,18 @@ def stop_on_signals() -> None:
         signal.signal(signum, stop)
 
 
+@contextmanager
+def signals_restored() -> Iterator[None]:
+    """Put SIGTERM's and SIGINT's handlers back as they were when the block ends (a command run in-process, as
+    tests do, must not leave its own behind)."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def ignore_signals() -> None:
     """While a command stops (bounded by its own timeouts), further SIGTERM/SIGINT are ignored."""
     for signum in (signal.SIGTERM, signal.SIGINT):

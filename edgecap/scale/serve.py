@@ -20,7 +20,8 @@ from edgecap.runtime.cli import add_model_arguments, captioner_kwargs
 from edgecap.runtime.console import run_main
 from edgecap.runtime.errors import EdgecapError
 
-from .cluster import Stop, add_cluster_arguments, check_model, connect, ignore_signals, require, stop_on_signals
+from .cluster import (Stop, add_cluster_arguments, check_model, connect, ignore_signals, require,
+                      signals_restored, stop_on_signals)
 
 PROG = "caption-serve"
 APP = "edgecap"
@@ -175,9 +176,11 @@ def answer(count) -> int:
 
 def serve_forever(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT, then drain (see `drain`), and take down what this command started: a local
-    Ray with everything on it, or our application on a cluster. Exit 0 with one line."""
+    Ray it started, with everything on it, or else our application (on a cluster, or on a Ray this process
+    already ran). Exit 0 with one line."""
     stop_on_signals()  # a signal while Ray starts stops the command as well
     serving = False
+    joined = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a Ray this command did not start
     try:
         url = start(args)
         stop_on_signals()  # again: starting Ray put its own handlers in place
@@ -200,15 +203,16 @@ def serve_forever(args: argparse.Namespace) -> int:
     finally:
         ray = sys.modules.get("ray")  # not imported when the command failed before Ray's start
         if ray is not None and ray.is_initialized():
-            if args.address:
+            if args.address or (joined and serving):  # a cluster, or a Ray that was running already: our app goes
                 require("ray.serve", PROG).delete(APP)
-            else:
+            elif not joined:
                 ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_main(lambda: serve_forever(args), PROG)
+    with signals_restored():
+        return run_main(lambda: serve_forever(args), PROG)
 
 
 if __name__ == "__main__":

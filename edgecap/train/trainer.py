@@ -230,6 +230,8 @@ def _claim_output(out: Path, ckpt: dict[str, Any] | None, resumed: Path | None, 
         raise ModelError(f"{out} holds {', '.join(held)} of a run without its last.pt; choose another --output")
     epoch = load_checkpoint(last)["train_state"]["epoch"]
     mine = ckpt["train_state"]["epoch"]
+    if resumed is not None and resumed.resolve().parent == out.resolve() and epoch == mine:
+        return  # the run's own best.pt of its last epoch: the same state as its last.pt
     if epoch > mine:
         raise ModelError(f"{last} is at epoch {epoch}, further along than the resumed checkpoint (epoch {mine}); "
                          f"resume {last} instead, or pass --output NEW to branch off")
@@ -239,8 +241,8 @@ def _claim_output(out: Path, ckpt: dict[str, Any] | None, resumed: Path | None, 
 
 def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train per `cfg`, resuming from a checkpoint (its path, or the loaded dict) when given; -> the last epoch's
-    log record. Never writes into another run's folder (`_claim_output`)."""
+    """Train per `cfg`, resuming from a checkpoint (its path, or the loaded dict: then `cfg.output` must not hold a
+    run) when given; -> the last epoch's log record. Never writes into another run's folder (`_claim_output`)."""
     ctx = _context(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -131,7 +131,7 @@ class OrtEngine(Engine):
         opts.log_severity_level = 3
         self.graphs = manifest.graphs[precision]
         self.sessions = {}
-        self.placement: dict[str, dict[str, int]] = {}  # graph role -> nodes per provider that ORT assigned
+        self.placement: dict[str, dict[str, int]] = {}  # role -> nodes per provider ORT assigned (ORT >= 1.24)
         for role, spec in self.graphs.items():
             try:
                 self.sessions[role] = ort.InferenceSession(str(Path(folder) / spec.file), opts,
@@ -142,9 +142,10 @@ class OrtEngine(Engine):
             if self.sessions[role].get_providers()[0] != wanted:
                 raise ModelError(f"ONNX Runtime could not start {wanted} for {spec.file} "
                                  f"(it fell back to {self.sessions[role].get_providers()[0]})")
-            self.placement[role] = node_placement(self.sessions[role].get_provider_graph_assignment_info())
-            if note := fallback_note(spec.file, self.placement[role], wanted):
-                log.warning(note)  # a partial fallback (TensorRT -> CUDA -> CPU) is reported, not silent
+            if hasattr(self.sessions[role], "get_provider_graph_assignment_info"):  # ONNX Runtime 1.24 and later
+                self.placement[role] = node_placement(self.sessions[role].get_provider_graph_assignment_info())
+                if note := fallback_note(spec.file, self.placement[role], wanted):
+                    log.info(note)  # recorded in `placement`; CUDA keeps shape nodes on the CPU by design
         self.context_names = tuple(manifest.context_names)
         self.provider = wanted
         self.io_binding = wanted != "CPUExecutionProvider"
