@@ -20,7 +20,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 from edgecap.runtime import cli as caption_run
 from edgecap.scale import batch as caption_batch
 from edgecap.train.synthetic import SyntheticSplit
-from conftest import grey_png  # noqa: E402
+from conftest import black_png  # noqa: E402
 from test_serve import bad_model  # noqa: E402
 
 N = 200
@@ -129,7 +129,7 @@ def test_a_decompression_bomb_is_an_error_row_between_captioned_images(folder, t
     photos.mkdir()
     for name, source in (("a.jpg", "scene000.jpg"), ("c.jpg", "scene001.jpg")):
         (photos / name).write_bytes((folder / source).read_bytes())
-    (photos / "b.png").write_bytes(grey_png(40_000, 40_000))
+    (photos / "b.png").write_bytes(black_png(40_000, 40_000))
     out = tmp_path / "out.jsonl"
     assert caption_batch.main([str(photos), "-o", str(out), "--actors", "1"]) == 1
     got = {Path(r["path"]).name: r for r in rows(out)}

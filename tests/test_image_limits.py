@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import grey_png
+from conftest import black_png
 
 from edgecap.runtime import preprocess
 from edgecap.runtime.attend import main as attend_main
@@ -24,7 +24,7 @@ def folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bomb")
     split = SyntheticSplit("test", 2, image_size=112)
     cv2.imwrite(str(folder / "a.png"), cv2.cvtColor(split.image(0), cv2.COLOR_RGB2BGR))
-    (folder / "b-bomb.png").write_bytes(grey_png(40000, 40000))
+    (folder / "b-bomb.png").write_bytes(black_png(40000, 40000))
     cv2.imwrite(str(folder / "c.png"), cv2.cvtColor(split.image(1), cv2.COLOR_RGB2BGR))
     return folder
 
@@ -40,20 +40,20 @@ def test_over_the_budget_is_refused_from_the_header_before_decoding(monkeypatch)
 
     monkeypatch.setattr(preprocess.cv2, "imdecode", never)
     with pytest.raises(ImageTooLarge, match=r"big\.png is 12000x10000, over the 100,000,000-pixel limit"):
-        preprocess.decode_image(grey_png(12000, 10000), "big.png")
+        preprocess.decode_image(black_png(12000, 10000), "big.png")
     with pytest.raises(ImageTooLarge, match=r"over the 5,000,000-pixel limit \(--max-pixels\)"):
-        preprocess.decode_image(grey_png(3000, 2000), "photo.png", max_pixels=5_000_000)
+        preprocess.decode_image(black_png(3000, 2000), "photo.png", max_pixels=5_000_000)
     with pytest.raises(ImageTooLarge, match="bomb.png has over"):  # past Pillow's own refusal too
-        preprocess.decode_image(grey_png(40000, 40000), "bomb.png")
+        preprocess.decode_image(black_png(40000, 40000), "bomb.png")
 
 
 def test_small_strips_are_refused_and_extreme_ratios_warned(recwarn):
-    assert preprocess.decode_image(grey_png(3000, 2000)).shape == (2000, 3000, 3)  # within the default
+    assert preprocess.decode_image(black_png(3000, 2000)).shape == (2000, 3000, 3)  # within the default
     for width, height in ((20000, 10), (15, 15)):
         with pytest.raises(DataError, match=f"is {width}x{height}: too small to caption"):
-            preprocess.decode_image(grey_png(width, height), "strip.png")
+            preprocess.decode_image(black_png(width, height), "strip.png")
     assert not recwarn.list
-    preprocess.decode_image(grey_png(2000, 100), "wide.png")
+    preprocess.decode_image(black_png(2000, 100), "wide.png")
     assert [str(w.message) for w in recwarn.list] == [
         "wide.png is 2000x100, an aspect ratio past 8:1; its caption is unlikely to be good"]
 

@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 requests = pytest.importorskip("requests")
 
-from conftest import grey_png
+from conftest import black_png
 
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.preprocess import decode_image
@@ -140,7 +140,7 @@ def test_errors_answer_one_line_json_and_the_replica_keeps_serving(service, jpeg
     url = service
     r = {"corrupt": lambda: post(url, b"\xff\xd8 not really a jpeg"),
          "too large": lambda: post(url, np.random.default_rng(0).bytes(300_000)),
-         "bomb": lambda: post(url, grey_png(20_000, 20_000), "image/png"),
+         "bomb": lambda: post(url, black_png(20_000, 20_000), "image/png"),
          "text": lambda: post(url, b"hello", "text/plain"),
          "beams=0": lambda: post(url, jpegs[0], beams=0),
          "beams=abc": lambda: post(url, jpegs[0], beams="abc"),
