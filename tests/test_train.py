@@ -221,6 +221,12 @@ def test_early_stop_after_patience_epochs_without_a_better_dev_score(tmp_path, m
     assert len((out / "log.jsonl").read_text().splitlines()) == 4  # best at 2, then 2 epochs without a better one
     assert load_checkpoint(out / "best.pt")["metrics"]["epoch"] == 2
     assert "early stop: no better dev cider for 2 epochs (best epoch 2)" in capsys.readouterr().out
+    before = (out / "last.pt").read_bytes()
+    train(TrainConfig.from_flat(data="synthetic", epochs=10, patience=2, synthetic_train=16, synthetic_dev=4,
+                                batch_size=8, min_freq=1, embed_dim=8, hidden_dim=16, attention_dim=8,
+                                output=str(out)), resume=out / "last.pt")  # e.g. `make model` run again
+    assert (out / "last.pt").read_bytes() == before  # no epoch past the early stop
+    assert "this run stopped at epoch 4" in capsys.readouterr().out
 
 
 def test_augment_with_cached_features_is_refused(tmp_path, capsys):

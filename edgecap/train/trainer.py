@@ -320,7 +320,11 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
     net = DistributedDataParallel(module) if ctx.world > 1 else module
     amp = cfg.amp and ctx.device.type == "cuda"
     record: dict[str, Any] = {}
-    for epoch in range(state["epoch"], cfg.epochs):
+    first = state["epoch"] if state["since_best"] < cfg.patience else cfg.epochs  # a run that stopped early stays so
+    if first == cfg.epochs > state["epoch"] and ctx.main:
+        print(f"early stop: this run stopped at epoch {state['epoch']} (no better dev {cfg.select} for "
+              f"{cfg.patience} epochs; best epoch {state['best_epoch']})")
+    for epoch in range(first, cfg.epochs):
         torch.manual_seed(cfg.seed * 100003 + epoch)  # same dropout/augmentation on resume
         if ctx.world > 1:
             sampler = DistributedSampler(dataset, ctx.world, ctx.rank, shuffle=True, seed=cfg.seed)
