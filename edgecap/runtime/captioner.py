@@ -151,9 +151,7 @@ class Captioner:
         """Encoder features (`encode`) -> Captions, with `timings` and the decoder's; `total_ms` runs from
         `started` (a `time.perf_counter()`; default: the sum of the stages)."""
         timings = {"preprocess_ms": 0.0, "encoder_ms": 0.0, **(timings or {})}
-        t0 = time.perf_counter()
-        results = decode(self.engine, None, options or self.options, features=features)
-        timings["decoder_ms"] = (time.perf_counter() - t0) * 1e3
+        results = decode(self.engine, None, options or self.options, features=features, timings=timings)
         words = max(1, max(len(h[0].tokens) + 1 for h in results))
         timings["decoder_per_word_ms"] = timings["decoder_ms"] / words
         timings["total_ms"] = ((time.perf_counter() - started) * 1e3 if started is not None else

@@ -115,8 +115,6 @@ def captioner_kwargs(args: argparse.Namespace, prog: str) -> dict:
     check_choices(args.engine, args.device, args.precision, RUNTIME_ENGINES)
     if args.threads is not None and args.threads < 1:
         raise EdgecapError(f"--threads must be at least 1, got {args.threads}")
-    if args.max_pixels < 1:
-        raise EdgecapError(f"--max-pixels must be at least 1, got {args.max_pixels}")
     folder = model_dir(args.model, say=lambda line: print(f"{prog}: {line}", file=sys.stderr))
     if folder.exists() and not folder.is_dir():
         raise ModelError(f"{folder} is a file, not a model folder (the folder export-onnx writes)")

@@ -24,9 +24,8 @@ VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"} 
 
 @dataclass
 class Counts:
-    """What a timeline did: frames seen, encoder and decoder calls, events."""
+    """What a timeline did: encoder calls (one per frame), decoder calls, events."""
 
-    frames: int = 0
     encoder_calls: int = 0
     decoder_calls: int = 0
     events: int = 0
@@ -50,7 +49,6 @@ class Timeline:
     def feed(self, rgb: np.ndarray, t: float, index: int) -> Event:
         """One frame; -> the event it belongs to."""
         features, self.timings = self.captioner.encode([rgb])
-        self.counts.frames += 1
         self.counts.encoder_calls += 1
         self.last_time = t
         pooled = features["pooled"][0]
