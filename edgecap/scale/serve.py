@@ -108,7 +108,12 @@ def build(config: dict[str, str]):
     """Ray Serve's application builder: `serve run edgecap.scale.serve:build model=DIR replicas=2`, or
     `import_path: edgecap.scale.serve:build` with `args:` in a Serve config file (KubeRay's RayService). The keys
     are caption-serve's flags (`max_batch_size` or `max-batch-size`); the HTTP ones are the config file's."""
-    args = build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in config.items()])
+    return checked_application(build_parser().parse_args([f"--{k.replace('_', '-')}={v}" for k, v in config.items()]))
+
+
+def checked_application(args: argparse.Namespace):
+    """`application` for caption-serve's flags, checked first: bad flags or a bad model folder are one line before
+    Ray starts."""
     check_options(args)
     captioner = captioner_kwargs(args, PROG)
     check_model(captioner)
@@ -116,12 +121,8 @@ def build(config: dict[str, str]):
 
 
 def start(args: argparse.Namespace) -> str:
-    """Deploy the service (blocking until every replica is up); the URL it answers on.
-    The model is opened here first: a bad one is a one-line error before Ray starts."""
-    check_options(args)
-    captioner = captioner_kwargs(args, PROG)
-    check_model(captioner)
-    app = application(args, captioner)
+    """Deploy the service (blocking until every replica is up); the URL it answers on."""
+    app = checked_application(args)
     serve = require("ray.serve", PROG)
     if not args.address:
         check_port(args.host, args.port)
