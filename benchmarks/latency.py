@@ -2,7 +2,9 @@
 """Latency benchmark: PyTorch eager against ONNX Runtime (fp32, int8, fp16, CUDA, TensorRT) on the same images.
 
 Every variant runs in its own freshly spawned process through the same Captioner and search code, so its
-peak resident memory (the process's VmHWM) is its own. See benchmarks/README.md.
+peak resident memory (the process's VmHWM) is its own. A model folder with a tagger graph is also timed with
+--tags labels at beam 3 in the same rounds: the tagger's share of a caption. Without --ckpt the PyTorch
+reference and the encoder's FLOPs floor are left out. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -83,10 +85,11 @@ def search_options(captioner: Captioner, beams: int) -> SearchOptions:
     return dataclasses.replace(captioner.manifest.search, num_beams=beams, num_return_sequences=1)
 
 
-def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, searches: dict[str, SearchOptions],
-               args: argparse.Namespace, bar: tqdm) -> tuple[dict[str, list[dict]], dict[str, dict[int, list[int]]]]:
-    """Warm up, then time rounds of batches cycling through the images, every search once per round (a slow
-    moment of a shared machine then hits all searches alike), for at least `--repeats` rounds and
+def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int,
+               searches: dict[str, tuple[SearchOptions, int]], args: argparse.Namespace, bar: tqdm
+               ) -> tuple[dict[str, list[dict]], dict[str, dict[int, list[int]]]]:
+    """Warm up, then time rounds of batches cycling through the images, every search (options, tags) once per
+    round (a slow moment of a shared machine then hits all searches alike), for at least `--repeats` rounds and
     `--min-seconds`; -> timed runs per search, tokens by image index per search."""
     runs: dict[str, list[dict]] = {name: [] for name in searches}
     tokens: dict[str, dict[int, list[int]]] = {name: {} for name in searches}
@@ -97,8 +100,8 @@ def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int, searc
         if r >= args.warmup + args.repeats and time.perf_counter() - start >= args.min_seconds:
             return runs, tokens
         idx = [(r * batch + j) % len(images) for j in range(batch)]
-        for name, opts in searches.items():
-            captions = captioner.caption_batch([images[i] for i in idx], opts)
+        for name, (opts, tags) in searches.items():
+            captions = captioner.caption_batch([images[i] for i in idx], opts, tags)
             if r >= args.warmup:
                 runs[name].append(captions[0].timings)
             tokens[name].update(zip(idx, (c.tokens for c in captions)))
@@ -112,18 +115,23 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
     captioner = load_captioner(name, args)
     engine = captioner.engine
     provider = getattr(engine, "provider", None) or f"torch {engine.device}"
-    searches = {search_name(k): search_options(captioner, k) for k in args.beams}
+    searches = {search_name(k): (search_options(captioner, k), 0) for k in args.beams}
+    tagged = f"{SPEEDUP_SEARCH}+tags{args.tags}"
+    if args.tags and captioner.manifest.has_tagger(captioner.precision):
+        searches[tagged] = (search_options(captioner, 3), args.tags)
     with tqdm(desc=name, unit="round") as bar:
         runs, seen = timed_runs(captioner, images, 1, searches, args, bar)
         throughput, _ = timed_runs(captioner, images, args.batch, {"greedy": searches["greedy"]}, args, bar)
     latency, tokens = {}, {}
-    for search, opts in searches.items():
+    for search, (opts, tags) in searches.items():
         for i in sorted(set(range(len(images))) - seen[search].keys()):  # every image for the agreement check
-            seen[search][i] = captioner.caption_batch([images[i]], opts)[0].tokens
+            seen[search][i] = captioner.caption_batch([images[i]], opts, tags)[0].tokens
         latency[search] = percentiles([t["total_ms"] for t in runs[search]])
         tokens[search] = [seen[search][i] for i in range(len(images))]
     latency["encoder"] = percentiles([t["encoder_ms"] for t in runs["greedy"]])
     latency["decoder_per_word"] = percentiles([t["decoder_per_word_ms"] for t in runs["greedy"]])
+    if tagged in runs:
+        latency["tagger"] = percentiles([t["tagger_ms"] for t in runs[tagged]])
     batch_ms = [t["total_ms"] for t in throughput["greedy"]]
     return {"engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
             "provider": provider, "placement": getattr(engine, "placement", None), "latency_ms": latency,
@@ -134,13 +142,15 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
             "startup_rss_mb": startup, "peak_rss_mb": peak_rss_mb(), "tokens": tokens}
 
 
-def skip_reason(name: str, manifest: Manifest) -> str | None:
+def skip_reason(name: str, manifest: Manifest, args_ckpt: str | None) -> str | None:
     """Why a variant cannot run here, or None."""
     engine, precision, device = VARIANTS[name]
     b = BACKENDS[engine]
     if b.reads == "checkpoint":
         import torch
 
+        if args_ckpt is None:
+            return "no --ckpt given"
         return None if device == "cpu" or torch.cuda.is_available() else "PyTorch here has no CUDA device"
     if precision not in manifest.graphs:
         return f"model folder has no {precision} graphs (export with {EXPORT_FLAG[precision]})"
@@ -211,6 +221,11 @@ def add_ratios(variants: dict[str, dict]) -> None:
     for name, v in variants.items():
         lat, mine = v["latency_ms"], tokens[name]
         v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in mine if s != "greedy"}
+        if "tagger" in lat:
+            tagged = next(s for s in mine if "+tags" in s)
+            v["tagger_share"] = {"search": tagged, "tagger_p50_ms": lat["tagger"]["p50"],
+                                 "of_end_to_end": lat["tagger"]["p50"] / lat[tagged]["p50"],
+                                 "end_to_end_vs_untagged": lat[tagged]["p50"] / lat[SPEEDUP_SEARCH]["p50"]}
         v["speedup_vs_torch"] = {s: ref["latency_ms"][s]["p50"] / lat[s]["p50"] for s in mine} if ref else None
         v["agreement_with_torch"] = {s: {"identical": sum(a == b for a, b in zip(mine[s], tokens[REFERENCE][s])),
                                          "images": len(mine[s])} for s in mine} if ref else None
@@ -246,10 +261,17 @@ def notes(report: dict) -> list[str]:
     lines = [f"ms per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over timed rounds of every "
              f"search in turn (at least {s['repeats']} and {s['min_seconds']:g} s: {rounds}) after {s['warmup']} "
              f"warm-up; {s['threads']} threads on {m['cores']} cores ({m['cpu']}); {s['count']} "
-             f"images ({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM).",
-             f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / {floor['matmul_gflops_per_s']:.1f} "
-             f"GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} ms; encoder p50 / floor: " + ", ".join(
-                 f"{n} {v['latency_ms']['encoder']['p50'] / floor['floor_ms']:.1f}×" for n, v in variants.items())]
+             f"images ({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM)."]
+    if floor:
+        lines.append(f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / "
+                     f"{floor['matmul_gflops_per_s']:.1f} GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} "
+                     "ms; encoder p50 / floor: " + ", ".join(
+                         f"{n} {v['latency_ms']['encoder']['p50'] / floor['floor_ms']:.1f}×" for n, v in variants.items()))
+    for name, v in variants.items():
+        if share := v.get("tagger_share"):
+            lines.append(f"{name} tags ({share['search']}): tagger p50 {share['tagger_p50_ms']:.3f} ms = "
+                         f"{100 * share['of_end_to_end']:.1f}% of the tagged caption end to end; end to end "
+                         f"{share['end_to_end_vs_untagged']:.3f}× the untagged {SPEEDUP_SEARCH} p50")
     if m["load_average"] > 0.5 * m["cores"]:
         lines.append(f"Warning: the machine was busy before the run (load average {m['load_average']:.1f} on "
                      f"{m['cores']} cores): other work distorts these numbers.")
@@ -294,7 +316,8 @@ def plot(report: dict, path: str) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint (.pt) for the PyTorch eager reference and the FLOPs")
+    p.add_argument("--ckpt", help="checkpoint (.pt) for the PyTorch eager reference and the FLOPs (default: "
+                                  "none, both left out)")
     p.add_argument("--model", required=True, help="model folder written by export-onnx")
     p.add_argument("--images", help="image folder or glob (default: synthetic scenes at the model's size)")
     p.add_argument("--count", type=int, default=20, help="images to use (default 20)")
@@ -305,17 +328,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     p.add_argument("--batch", type=int, default=8, help="batch for the greedy throughput (default 8)")
     p.add_argument("--beams", type=lambda t: sorted({1, *map(int, t.split(","))}), default=[1, 3, 5],
-                   help="beam widths at batch 1 (default 1,3,5; greedy is always measured)")
+                   help="beam widths at batch 1 (default 1,3,5; greedy and beam 3 are always measured)")
     p.add_argument("--variants", type=lambda t: t.split(","), default=DEFAULT_VARIANTS,
                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: all but fp16 on a CPU)")
+    p.add_argument("--tags", type=int, default=5,
+                   help="labels per caption for the tagged beam-3 timing, where the model has a tagger (default 5; "
+                        "0 leaves it out)")
     p.add_argument("--json", help="write all numbers here")
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args(argv)
     if unknown := [n for n in args.variants if n not in VARIANTS]:
         p.error(str(choice_error("variant", unknown[0], list(VARIANTS))))
+    if 3 not in args.beams:
+        args.beams = sorted({3, *args.beams})  # the tagged timing's untagged twin
     if min(args.count, args.repeats, args.threads, args.batch, *args.beams) < 1 \
-            or min(args.warmup, args.min_seconds) < 0:
+            or min(args.warmup, args.min_seconds, args.tags) < 0:
         p.error("--count, --repeats, --threads, --batch and --beams must be positive, --warmup and --min-seconds "
                 "at least 0")
     return args
@@ -339,14 +367,16 @@ def main() -> None:
     load_average = os.getloadavg()[0]  # before this run adds its own
     args = parse_args(sys.argv[1:])
     try:
-        manifest, ckpt = Manifest.load(args.model), load_checkpoint(args.ckpt)
-        if ckpt["vocab"] != manifest.vocab:
-            raise ModelError(f"{args.ckpt} and {args.model} are different models (their vocabularies differ)")
-        floor = physical_floor(ckpt, args.threads)
+        manifest, floor = Manifest.load(args.model), None
+        if args.ckpt:
+            ckpt = load_checkpoint(args.ckpt)
+            if ckpt["vocab"] != manifest.vocab:
+                raise ModelError(f"{args.ckpt} and {args.model} are different models (their vocabularies differ)")
+            floor = physical_floor(ckpt, args.threads)
         images, source = load_images(args, manifest.preprocessing.size)
     except EdgecapError as e:
         sys.exit(f"latency.py: error: {e}")
-    results = {name: skip_reason(name, manifest) or run_variant(name, args, images) for name in args.variants}
+    results = {name: skip_reason(name, manifest, args.ckpt) or run_variant(name, args, images) for name in args.variants}
     skipped = {name: r for name, r in results.items() if isinstance(r, str)}
     variants = {name: r for name, r in results.items() if name not in skipped}
     if not variants:

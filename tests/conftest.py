@@ -22,6 +22,18 @@ SMALL = dict(data="synthetic", synthetic_train=2000, synthetic_dev=100, batch_si
 ROWS_PER_BLOCK = 512
 
 
+def dog_photos(n: int) -> list[str]:
+    """The first `n` Flickr8k test photos all five of whose captions mention a dog (file names)."""
+    names = (SHARED_FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()
+    captions: dict[str, list[str]] = {}
+    for line in (SHARED_FLICKR8K / "Flickr8k.token.txt").read_text().splitlines():
+        key, caption = line.split("\t")
+        captions.setdefault(key.split("#")[0], []).append(caption.lower())
+    dogs = [x for x in names if len(captions.get(x, [])) == 5 and all(" dog" in c for c in captions[x])
+            and (SHARED_FLICKR8K / "images" / x).is_file()]
+    return dogs[:n]
+
+
 @functools.cache
 def black_png(width: int, height: int) -> bytes:
     """A 1-bit black PNG made without holding or compressing all its pixels: each block of rows is deflated

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_FLICKR8K
+from conftest import SHARED_FLICKR8K, dog_photos
 
 from edgecap.runtime.errors import ModelError
 from edgecap.runtime.preprocess import Preprocessing, read_rgb
@@ -111,22 +111,11 @@ def test_lite0_preprocessing_is_the_tensorflow_scheme():
     assert np.abs(pre.batch([rgb])[0] - want).max() < 1e-6
 
 
-def _dog_photos(n: int) -> list:
-    names = (SHARED_FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()
-    captions: dict[str, list[str]] = {}
-    for line in (SHARED_FLICKR8K / "Flickr8k.token.txt").read_text().splitlines():
-        key, caption = line.split("\t")
-        captions.setdefault(key.split("#")[0], []).append(caption.lower())
-    dogs = [x for x in names if len(captions.get(x, [])) == 5 and all(" dog" in c for c in captions[x])
-            and (SHARED_FLICKR8K / "images" / x).is_file()]
-    return dogs[:n]
-
-
 @pytest.mark.skipif(not SHARED_FLICKR8K.is_dir(), reason="needs ../shared/flickr8k")
 def test_lite0_sees_dogs_in_flickr8k_photos():
     net, _ = pretrained_network("efficientnet-lite0", "imagenet")
     pre = ENCODERS["efficientnet-lite0"].preprocessing
-    photos = _dog_photos(12)
+    photos = dog_photos(12)
     images = torch.from_numpy(pre.batch([read_rgb(SHARED_FLICKR8K / "images" / x) for x in photos]))
     with torch.no_grad():
         top1 = net(images).argmax(1).tolist()

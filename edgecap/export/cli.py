@@ -1,4 +1,6 @@
-"""`export-onnx CKPT`: a verified ONNX model folder (encoder, decoder_init, decoder_step, manifest)."""
+"""`export-onnx CKPT`: a verified ONNX model folder (encoder, decoder_init, decoder_step, tagger, manifest).
+
+`export-onnx --add-tagger MODEL_DIR --verify-images IMAGES` adds the tagger to a folder exported without one."""
 
 from __future__ import annotations
 
@@ -9,12 +11,17 @@ from pathlib import Path
 from edgecap.runtime.console import run_main
 from edgecap.runtime.search import SearchOptions, check_limits
 
+from edgecap.runtime.errors import EdgecapError
+from edgecap.runtime.sources import read_images
+
 from .exporter import DEFAULT_OPSET, ExportOptions, export_model
+from .tagger import tag_folder
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="export-onnx", description=__doc__)
-    p.add_argument("checkpoint", help="a checkpoint written by caption-train (best.pt, last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint written by caption-train (best.pt, last.pt); with --add-tagger, "
+                                      "a model folder")
     p.add_argument("-o", "--output", type=Path, help="model folder (default: CKPT's folder / <name>-onnx)")
     p.add_argument("--int8", action="store_true", help="add int8 graphs: static QDQ encoder, weight-only int8 decoder")
     p.add_argument("--calib", help="image folder or glob for int8 calibration (default: the training split)")
@@ -35,11 +42,22 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"the model's default beam width, 1 = greedy (default: {SearchOptions.num_beams})")
     p.add_argument("--max-length", type=int, default=SearchOptions.max_length,
                    help=f"the model's default most words per caption (default: {SearchOptions.max_length})")
+    p.add_argument("--no-tags", dest="tags", action="store_false",
+                   help="leave out the tagger graph (the encoder's ImageNet classifier over its regions)")
+    p.add_argument("--add-tagger", action="store_true",
+                   help="add the tagger graph to the model folder given in place of CKPT (needs --verify-images)")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     args = vars(p.parse_args(argv))
-    ckpt = args.pop("checkpoint")
+    ckpt, add = args.pop("checkpoint"), args.pop("add_tagger")
 
     def body() -> None:
+        if add:
+            if not args["verify_images"]:
+                raise EdgecapError("--add-tagger checks the tagger on real photos: add --verify-images IMAGES")
+            images = read_images(args["verify_images"], args["verify_count"])
+            tag_folder(Path(ckpt), images, args["opset"], print)
+            print(f"model folder: {ckpt} (tagger added)")
+            return
         check_limits(args["beams"], args["max_length"])
         export_model(ckpt, ExportOptions(**args))
 

@@ -29,6 +29,7 @@ from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4
 
 from .graphs import example_inputs, export_graph, graph_ios, graph_spec
+from .tagger import add_tagger
 from .quantize import convert_fp16, quantize_decoder_weights, quantize_encoder_static
 from .verify import check_graph, compare_captions, compare_graphs
 
@@ -53,6 +54,7 @@ class ExportOptions:
     keep_fp32: tuple[str, ...] = ()   # graphs (roles) the variants share with fp32 instead of converting
     beams: int = SearchOptions.num_beams  # the manifest's search defaults
     max_length: int = SearchOptions.max_length
+    tags: bool = True                 # the encoder's classifier head as a tagger graph, where it has one
 
 
 def default_output(ckpt: Path) -> Path:
@@ -99,7 +101,7 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
     tmp = _work_folder(out, say)
     try:
         manifest = _export_fp32(model, ckpt, ckpt_path, tmp, opts, search, say)
-        needs_images = opts.verify or opts.int8 or opts.fp16
+        needs_images = opts.verify or opts.int8 or opts.fp16 or opts.tags
         images = None if not needs_images else pre.batch(
             read_images(opts.verify_images, opts.verify_count) if opts.verify_images
             else _split_images(ckpt, "test", opts.verify_count))
@@ -118,6 +120,8 @@ def export_model(ckpt_path: str | Path, opts: ExportOptions, say=print) -> Path:
             _add_variant(manifest, tmp, "int8", makers, opts.keep_fp32, say)
         for precision in [p for p in manifest.graphs if p != "fp32"]:
             manifest.precision_notes[precision].update(_agreement(manifest, tmp, precision, images, vocab, say))
+        if opts.tags:
+            add_tagger(tmp, manifest, images, opts.opset, say)
         if opts.drop_fp32:
             _drop_fp32(manifest, tmp, say)
         manifest.save(tmp)

@@ -61,6 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser, threads: int | None = None) 
     p.add_argument("--length-penalty", metavar="X", type=float,
                    help="score = log p / length ** X (default: the model's)")
     p.add_argument("--n-best", metavar="N", type=int, help="also give the N best captions (N <= --beams)")
+    p.add_argument("--tags", metavar="K", type=int, default=0,
+                   help="also give the K most likely ImageNet labels with their probabilities, from the model's "
+                        "tagger graph (default: 0, none)")
     p.add_argument("--threads", metavar="N", type=int, default=threads,
                    help=f"ONNX Runtime threads (default: {threads or 'all cores'})")
     p.add_argument("--max-pixels", metavar="P", type=int, default=MAX_PIXELS,
@@ -122,7 +125,8 @@ def captioner_kwargs(args: argparse.Namespace, prog: str) -> dict:
         raise ModelError(f"model folder not found: {folder} (make one with `export-onnx CKPT -o {folder}`, "
                          "then pass --model or set $EDGECAP_MODEL)")
     return {"folder": folder, "engine": args.engine, "precision": args.precision, "device": args.device,
-            "threads": args.threads, "max_pixels": args.max_pixels, **search_overrides(args, folder)}
+            "threads": args.threads, "max_pixels": args.max_pixels, "tags": args.tags,
+            **search_overrides(args, folder)}
 
 
 def search_overrides(args: argparse.Namespace, folder: Path) -> dict:
@@ -199,7 +203,8 @@ class Output:
         if self.json:
             print(json.dumps({"source": frame.source, "batch": batch, **caption.to_dict(batch)}), flush=True)
         else:
-            print(f"{escape(frame.source)}\t{caption.text}", flush=True)
+            tags = "".join(f"\t{label} {p:.2f}" for label, p in caption.tags)
+            print(f"{escape(frame.source)}\t{caption.text}{tags}", flush=True)
         return self.show_or_save(frame, caption)
 
     def show_or_save(self, frame: Frame, caption: Caption, save: bool = True) -> bool:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ModelError
+
 Arrays = dict[str, np.ndarray]
 STATE_NAMES = ("h", "c")
 
@@ -40,6 +42,10 @@ class Engine(ABC):
     @abstractmethod
     def step(self, words: np.ndarray, state: Arrays, context: Arrays) -> StepOutput:
         """One word for every row: words [N] int64, state and context rows aligned with words."""
+
+    def tag(self, regions: np.ndarray) -> np.ndarray:
+        """Regions [N, R, D] -> the tagger graph's logits [N, L], for models that have one."""
+        raise ModelError(f"the {type(self).__name__} engine has no tagger graph")
 
     def prepare(self, features: Arrays) -> tuple[Arrays, Arrays]:
         """Encoder features -> (state, context) ready for search."""

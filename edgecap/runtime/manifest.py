@@ -19,8 +19,9 @@ from .search import SearchOptions
 from .vocab import Vocabulary
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an optional tagger graph and the labels it scores
 ROLES = ("encoder", "decoder_init", "decoder_step")
+TAGGER = "tagger"  # optional role: the encoder's own classifier head over its regions -> logits per label
 PRECISIONS = ("fp32", "fp16", "int8")
 PREFERRED = ("fp32", "int8", "fp16")  # the default precision: the first a folder has
 
@@ -98,7 +99,11 @@ class Manifest:
     source: ModelSource = field(default_factory=ModelSource)
     versions: dict = field(default_factory=dict)  # torch, onnx, onnxruntime, edgecap that made it
     precision_notes: dict = field(default_factory=dict)  # precision -> how it was made and checked
+    labels: list[str] = field(default_factory=list)  # the tagger's classes, in its logits' order
     format_version: int = FORMAT_VERSION
+
+    def has_tagger(self, precision: str) -> bool:
+        return TAGGER in self.graphs.get(precision, {})
 
     @property
     def default_precision(self) -> str:
@@ -156,8 +161,14 @@ class Manifest:
         if not self.graphs:
             raise ModelError("manifest: no graphs")
         for precision, roles in self.graphs.items():
-            if precision not in PRECISIONS or set(roles) != set(ROLES):
-                raise ModelError(f"manifest: precision {precision!r} must have graphs {ROLES}")
+            if precision not in PRECISIONS or set(roles) - {TAGGER} != set(ROLES):
+                raise ModelError(f"manifest: precision {precision!r} must have graphs {ROLES} (and may have "
+                                 f"{TAGGER!r})")
+            if TAGGER in roles:
+                logits = roles[TAGGER].outputs[0].shape[-1]
+                if logits != len(self.labels):
+                    raise ModelError(f"manifest: {len(self.labels)} labels but the {precision} tagger graph "
+                                     f"outputs {logits} scores")
             step = roles["decoder_step"]
             logprobs = next((t for t in step.outputs if t.name == "logprobs"), None)
             if logprobs is None or logprobs.shape[-1] != len(vocab):

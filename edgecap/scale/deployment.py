@@ -1,7 +1,8 @@
 """The Ray Serve deployment behind caption-serve: HTTP in, dynamic batches of images through one Captioner.
 
-Routes: `POST /v1/caption` (raw `image/*` bytes, or a multipart form with one or more files; optional `beams` and
-`max_length` query parameters), `GET /v1/model`, `GET /healthz`. Every error is `{"error": "<one line>"}` with
+Routes: `GET /` (a page to try the model in a browser), `POST /v1/caption` (raw `image/*` bytes, or a multipart
+form with one or more files; optional query parameters `beams`, `max_length`, `n_best`, `tags` (K labels) and
+`attention` (per word, the weights over the encoder's grid)), `GET /v1/model`, `GET /healthz`. Every error is `{"error": "<one line>"}` with
 its status: 400 undecodable image or form, 404 no such route, 405 wrong method, 413 too large, 415 wrong content
 type, 422 bad or unknown parameters, 503 (with Retry-After) when the replica holds its capacity or the service
 is stopping (the driver sets a flag in Ray's key-value store that every replica polls).
@@ -11,22 +12,25 @@ import asyncio
 import threading
 import time
 from dataclasses import astuple, dataclass, field
+from importlib.resources import files
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from edgecap.runtime.captioner import Caption, Captioner
-from edgecap.runtime.errors import DataError, EdgecapError, ImageTooLarge
+from edgecap.runtime.captioner import Caption, Captioner, tag_count
+from edgecap.runtime.errors import DataError, EdgecapError, ImageTooLarge, ModelError
 from edgecap.runtime.preprocess import decode_image
 from edgecap.runtime.search import SearchOptions, check_limits
 
 MULTIPART = "multipart/form-data"
-QUERY = ("beams", "max_length")   # the query parameters /v1/caption takes
+QUERY = ("beams", "max_length", "n_best", "tags", "attention")  # the query parameters /v1/caption takes
+MAX_TAGS = 20                     # most labels a request may ask for
+PAGE = files("edgecap.scale").joinpath("page.html").read_text(encoding="utf-8")
 RETRY = {"Retry-After": "1"}      # on every 503: the condition is brief (a full queue, a replica going away)
 DRAINING = "edgecap/draining/"    # + the application's name: the internal-KV key set when the service stops
 DRAIN_POLL_S = 0.1                # how often a replica looks at that key
@@ -124,6 +128,11 @@ class CaptionServer:
         if self.draining:
             raise HTTPError(503, "the service is shutting down", RETRY)
 
+    @app.get("/", response_class=HTMLResponse)
+    def page(self) -> HTMLResponse:
+        """The page to try the model: one self-contained HTML document (no CDN, no build step)."""
+        return HTMLResponse(PAGE)
+
     @app.get("/healthz")
     def healthz(self) -> dict:
         self.check_draining()
@@ -135,10 +144,12 @@ class CaptionServer:
         return {"model": self.name, "decoder": m.decoder, "encoder": m.source.encoder,
                 "precision": self.captioner.precision, "precisions": sorted(m.graphs), "vocabulary": len(m.vocab),
                 "image_size": m.preprocessing.size, "search": self.captioner.options.to_dict(),
+                "tagger": m.has_tagger(self.captioner.precision), "labels": len(m.labels),
                 "max_batch_size": self.max_batch_size, "max_bytes": self.max_bytes}
 
     @app.post("/v1/caption")
-    async def caption(self, request: Request, beams: int | None = None, max_length: int | None = None) -> dict:
+    async def caption(self, request: Request, beams: int | None = None, max_length: int | None = None,
+                      n_best: int | None = None, tags: int = 0, attention: bool = False) -> dict:
         """Caption every image of the request; each answer carries its batch's size and per-image timings."""
         start = time.perf_counter()
         self.check_draining()
@@ -150,36 +161,48 @@ class CaptionServer:
         self.in_flight += 1
         try:
             files = await read_images(request, self.max_bytes)
-            options = self.search_options(beams, max_length)
+            options = self.search_options(beams, max_length, n_best)
+            tags = self.tag_count(tags)
             images = [decode(name, data, self.captioner.max_pixels) for name, data in files]
-            results = await asyncio.gather(*(self.caption_batched((rgb, options)) for rgb in images))
+            results = await asyncio.gather(*(self.caption_batched((rgb, options, tags)) for rgb in images))
         finally:
             self.in_flight -= 1
         return {"model": self.name, "search": options.name, "total_ms": round((time.perf_counter() - start) * 1e3, 3),
-                "captions": [{"batch": batch, **caption.to_dict(batch)} for caption, batch in results]}
+                "captions": [{"batch": batch, **caption.to_dict(batch, attention)} for caption, batch in results]}
 
-    def search_options(self, beams: int | None, max_length: int | None) -> SearchOptions:
+    def search_options(self, beams: int | None, max_length: int | None, n_best: int | None) -> SearchOptions:
         """The replica's search defaults with the request's overrides; 422 when out of range."""
-        overrides = {k: v for k, v in (("num_beams", beams), ("max_length", max_length)) if v is not None}
+        overrides = {k: v for k, v in (("num_beams", beams), ("max_length", max_length),
+                                       ("num_return_sequences", n_best)) if v is not None}
         if not overrides:
             return self.captioner.options
         try:
-            check_limits(beams, max_length, QUERY)
+            check_limits(beams, max_length, QUERY[:2])
             return SearchOptions.from_dict({**self.captioner.options.to_dict(), **overrides})
         except (ValueError, EdgecapError) as e:
             raise HTTPError(422, str(e)) from None
 
+    def tag_count(self, k: int) -> int:
+        """The labels a request asks for; 422 past MAX_TAGS or for a model without a tagger graph."""
+        if k > MAX_TAGS:
+            raise HTTPError(422, f"tags must be between 0 and {MAX_TAGS}, got {k}")
+        try:
+            return tag_count(self.captioner.manifest, self.captioner.precision, k)
+        except (DataError, ModelError) as e:
+            raise HTTPError(422, str(e)) from None
+
     @serve.batch
-    async def caption_batched(self, items: list[tuple[np.ndarray, SearchOptions]]) -> list[tuple[Caption, int]]:
-        """One decoder pass per distinct search options in the batch. It runs on the replica's event loop: the
+    async def caption_batched(self, items: list[tuple[np.ndarray, SearchOptions, int]]) -> list[tuple[Caption, int]]:
+        """One decoder pass per distinct search options and tag count in the batch. It runs on the replica's event loop: the
         requests that arrive meanwhile wait in the replica's queue and form the next batch (a worker thread
         would let them in sooner, but measured 2 ms slower per request, its Python fighting the loop's for the GIL)."""
         groups: dict[tuple, list[int]] = {}
-        for i, (_, options) in enumerate(items):
-            groups.setdefault(astuple(options), []).append(i)
+        for i, (_, options, tags) in enumerate(items):
+            groups.setdefault((astuple(options), tags), []).append(i)
         results: list[tuple[Caption, int] | None] = [None] * len(items)
         for chosen in groups.values():
-            captions = self.captioner.caption_batch([items[i][0] for i in chosen], items[chosen[0]][1])
+            _, options, tags = items[chosen[0]]
+            captions = self.captioner.caption_batch([items[i][0] for i in chosen], options, tags)
             for i, caption in zip(chosen, captions):
                 results[i] = (caption, len(chosen))
         return results

