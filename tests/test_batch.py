@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from edgecap.runtime import cli as caption_run
+from edgecap.runtime.captioner import Captioner
 from edgecap.scale import batch as caption_batch
 from edgecap.train.synthetic import SyntheticSplit
 from conftest import black_png  # noqa: E402
@@ -93,13 +94,33 @@ def test_parquet_parts_resume(folder, tmp_path):
     sources = [f"{folder}/scene01*.jpg"]
     assert caption_batch.main([*sources, "-o", str(out), "--format", "parquet"]) == 0
     table = pq.read_table(out)
-    assert table.num_rows == 10 and set(table.column_names) == {"path", "caption", "score", "error"}
+    assert table.num_rows == 10 and set(table.column_names) == {"path", "caption", "score", "error", "tags"}
     leftover = out / ".part-00001.parquet.99999999-killed00.tmp"  # a part write killed by a kill -9
     leftover.write_bytes(b"PAR1 half a part")
     assert caption_batch.main([*sources, f"file://{folder}/scene020.jpg", "-o", str(out), "--format", "parquet"]) == 0
     assert max(pq.read_table(out).column("path").to_pylist()) == f"file://{folder}/scene020.jpg"
     assert pq.read_table(out).num_rows == 11
     assert not leftover.exists()
+
+
+def test_tags_in_jsonl_and_parquet_rows(folder, tmp_path):
+    paths = sorted(folder.glob("scene00[0-5].jpg"))
+    captioner = Captioner.load(threads=1, tags=2)
+    want = {str(p): captioner.caption(p).tags for p in paths}
+
+    def tags(rows: list[dict]) -> dict[str, list[tuple[str, float]]]:
+        return {r["path"]: [(t["label"], t["probability"]) for t in r["tags"]] for r in rows}
+
+    def same(got: dict) -> bool:  # labels exactly; probabilities to the 4 places, give or take other thread counts
+        return got.keys() == want.keys() and all(
+            [t for t, _ in got[k]] == [t for t, _ in want[k]] and
+            max(abs(p - q) for (_, p), (_, q) in zip(got[k], want[k])) <= 2e-4 for k in want)
+
+    jsonl, parquet = tmp_path / "tags.jsonl", tmp_path / "tags.parquet"
+    assert caption_batch.main([*map(str, paths), "-o", str(jsonl), "--tags", "2"]) == 0
+    assert same(tags(rows(jsonl)))
+    assert caption_batch.main([*map(str, paths), "-o", str(parquet), "--format", "parquet", "--tags", "2"]) == 0
+    assert same(tags(pq.read_table(parquet).to_pylist()))
 
 
 @pytest.mark.parametrize("argv, message", [

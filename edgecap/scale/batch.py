@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class CaptionActor:
-    """A Ray Data actor: a pandas batch of paths -> the same paths with caption and score, or error."""
+    """A Ray Data actor: a pandas batch of paths -> the same paths with caption and score (and tags, with --tags),
+    or error."""
 
     def __init__(self, captioner: dict, fail_once: str | None = None) -> None:
         from edgecap.runtime.captioner import Captioner
@@ -79,6 +80,9 @@ class CaptionActor:
         batch["caption"] = [c.text if (c := captions.get(p)) else None for p in batch["path"]]
         batch["score"] = [c.score if (c := captions.get(p)) else None for p in batch["path"]]
         batch["error"] = [errors.get(p) for p in batch["path"]]
+        if self.captioner.tags:
+            batch["tags"] = [[{"label": t, "probability": pr} for t, pr in c.tags] if (c := captions.get(p)) else None
+                             for p in batch["path"]]
         return batch
 
 

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from edgecap.runtime.errors import DataError
 from edgecap.runtime.files import atomic_write
 
@@ -21,8 +23,19 @@ PART_ROWS, PART_SECONDS = 1000, 30.0  # a Parquet part is written after this man
 
 
 def clean(row: dict) -> dict:
-    """A row without empty fields: success rows have caption and score, failed ones an error."""
-    return {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    """A row without empty fields, in JSON types: success rows have caption and score (and tags), failed ones an
+    error."""
+    return {k: plain(v) for k, v in row.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def plain(value):
+    """A value as JSON types: the arrays of structs that Arrow hands back for a column of lists become lists of
+    dicts."""
+    if isinstance(value, (np.ndarray, list)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value.item() if isinstance(value, np.generic) else value
 
 
 class Output:
@@ -114,8 +127,10 @@ class ParquetOutput(Output):
 
         if self.buffer:
             self.folder.mkdir(parents=True, exist_ok=True)
-            table = pa.Table.from_pylist([{"path": r["path"], "caption": r.get("caption"), "score": r.get("score"),
-                                           "error": r.get("error")} for r in self.buffer])
+            tag = pa.struct([("label", pa.string()), ("probability", pa.float64())])
+            schema = pa.schema([("path", pa.string()), ("caption", pa.string()), ("score", pa.float64()),
+                                ("error", pa.string()), ("tags", pa.list_(tag))])
+            table = pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in self.buffer], schema)
             atomic_write(self.folder / f"part-{self.next:05d}.parquet", lambda f: self.pq.write_table(table, f))
             self.next += 1
         self.buffer, self.since = [], time.monotonic()
