@@ -27,7 +27,7 @@ def find_chromium() -> tuple[str, str] | None:
 
 
 @contextmanager
-def chromium(width: int = 1280, height: int = 900) -> Iterator:
+def chromium(width: int = 1280, height: int = 1000) -> Iterator:
     """A headless Chromium driven by selenium through the system's chromedriver (no download)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
