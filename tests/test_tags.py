@@ -37,6 +37,20 @@ def scene_files(tmp_path_factory):
     return folder
 
 
+def test_the_head_over_regions_is_the_networks_own_classifier():
+    """LiteHead (BN folded into a linear map per region, then the mean) gives the logits of the full EfficientNet."""
+    from edgecap.train.encoders import LiteHead, pretrained_network
+    from edgecap.train.model import Encoder
+
+    net, _ = pretrained_network("efficientnet-lite0", "imagenet")
+    encoder = Encoder("efficientnet-lite0")
+    encoder.load_pretrained("imagenet")
+    images = torch.from_numpy(encoder.spec.preprocessing.batch(drawn_scenes()))
+    with torch.inference_mode():
+        want, got = net(images), LiteHead(net)(encoder.eval()(images)[0])
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_bundled_tagger_equals_the_pytorch_head(captioner):
     manifest = captioner.manifest
     assert manifest.labels == imagenet_labels() and len(manifest.labels) == 1000

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 from edgecap.runtime.console import run_main
-from edgecap.runtime.search import SearchOptions, check_limits
-
 from edgecap.runtime.errors import EdgecapError
+from edgecap.runtime.search import SearchOptions, check_limits
 from edgecap.runtime.sources import read_images
 
 from .exporter import DEFAULT_OPSET, ExportOptions, export_model

@@ -29,8 +29,8 @@ from edgecap.train.engine import TorchEngine
 from edgecap.train.metrics import bleu4
 
 from .graphs import example_inputs, export_graph, graph_ios, graph_spec
-from .tagger import add_tagger
 from .quantize import convert_fp16, quantize_decoder_weights, quantize_encoder_static
+from .tagger import add_tagger
 from .verify import check_graph, compare_captions, compare_graphs
 
 DEFAULT_OPSET = 17

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
+from .files import atomic_write
 from .preprocess import Preprocessing
 from .search import SearchOptions
 from .vocab import Vocabulary
@@ -118,7 +119,9 @@ class Manifest:
         return asdict(self)
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write `folder/manifest.json` atomically (a reader sees the old manifest or the new one, never half)."""
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        atomic_write(Path(folder) / MANIFEST, lambda f: f.write(text.encode()))
 
     @classmethod
     def load(cls, folder: str | Path, check_files: bool = True) -> "Manifest":

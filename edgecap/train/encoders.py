@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import Conv2dNormActivation
 
 from edgecap.runtime.console import choice_error
@@ -106,17 +107,22 @@ def _lite0_body(net: nn.Module | None) -> nn.Sequential:
 
 
 class LiteHead(nn.Module):
-    """EfficientNet-Lite's own ImageNet classifier over the body's regions [B, R, D]: the 1x1 head conv, BN and
-    activation per region, the mean over regions, then the classifier -> logits [B, 1000]."""
+    """EfficientNet-Lite's own ImageNet classifier over the body's regions [B, R, D]: the 1x1 head conv (its BN
+    folded in, as a linear map per region), the activation, the mean over regions, the classifier -> logits
+    [B, 1000]. Linear maps only, so that weight-only int8 (MatMulNBits) covers the whole head."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        self.conv, self.bn, self.act, self.fc = net._conv_head, net._bn1, net._swish, net._fc
+        conv = fuse_conv_bn_eval(net._conv_head.eval(), net._bn1.eval())
+        self.proj = nn.Linear(conv.in_channels, conv.out_channels)
+        with torch.no_grad():
+            self.proj.weight.copy_(conv.weight.flatten(1))
+            self.proj.bias.copy_(conv.bias)
+        self.act, self.fc = net._swish, net._fc
 
     def forward(self, regions: Tensor) -> Tensor:
-        x = regions.transpose(1, 2).unsqueeze(-1)                                      # [B, D, R, 1]
-        x = self.act(self.bn(self.conv(x)))                                            # [B, 1280, R, 1]
-        return self.fc(x.mean((2, 3)))                                                 # [B, 1000]
+        x = self.act(self.proj(regions))                                               # [B, R, 1280]
+        return self.fc(x.mean(1))                                                      # [B, 1000]
 
 
 def imagenet_labels() -> list[str]:
