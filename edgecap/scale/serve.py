@@ -2,6 +2,7 @@
 
   caption-serve [--model DIR] [--replicas N] [--max-batch-size B] [--batch-wait-ms W] [--port 8000]
   curl -H 'Content-Type: image/jpeg' --data-binary @photo.jpg http://127.0.0.1:8000/v1/caption
+  open http://127.0.0.1:8000/ in a browser: a page to caption a photo (upload, drop, webcam) and see its attention
 
 Starts a local Ray instance, or joins a cluster with --address auto|HOST:PORT. SIGTERM or Ctrl-C stops the
 service: new requests get 503, those in flight finish (up to --drain-timeout), then everything it started goes.
@@ -185,8 +186,8 @@ def serve_forever(args: argparse.Namespace) -> int:
     try:
         url = start(args)
         stop_on_signals()  # again: starting Ray put its own handlers in place
-        print(f"{PROG}: serving {url}/v1/caption ({args.replicas} replica(s), batches up to "
-              f"{args.max_batch_size}); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
+        print(f"{PROG}: serving {url}/v1/caption and a page to try it at {url}/ ({args.replicas} replica(s), "
+              f"batches up to {args.max_batch_size}); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
         serving = True
         while True:
             time.sleep(3600)
