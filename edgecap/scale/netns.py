@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,9 @@ SUBNET = "10.10.0"            # the lan's /24, private to these namespaces (.1 i
 GCS_PORT = 6379
 CLONE_NEWNET = 0x40000000
 # a node lost is noticed in about 3 s instead of Ray's default of about 15 s (5 missed checks, 3 s apart)
+# every node and driver in token mode, with Ray's token file (~/.ray/auth_token, made by the head's start when
+# missing): the hosts share this machine's home; real ones each need a copy (or RAY_AUTH_TOKEN)
+AUTH = {"RAY_AUTH_MODE": "token"}
 FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                       "RAY_health_check_failure_threshold": "3"}
 
@@ -126,13 +128,10 @@ class NetnsCluster:
     def __init__(self, workers: int = 2, num_cpus: int = 1, env: dict[str, str] | None = None,
                  ray: str | None = None) -> None:
         self.ray = ray or str(Path(sys.executable).parent / "ray")
-        self.num_cpus, self.env = num_cpus, {**FAST_HEALTH_CHECKS, **(env or {})}
+        self.num_cpus, self.env = num_cpus, {**AUTH, **FAST_HEALTH_CHECKS, **(env or {})}
         self.tag = f"{PREFIX}{os.getpid()}"
         self.lan = f"{self.tag}-lan"
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
-        token = self.root / "auth_token"  # what every node and driver of a real cluster shares, too
-        token.write_text(secrets.token_hex(32))
-        self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
         names = ["head", *(f"w{i}" for i in range(1, workers + 1))]
         self.nodes = {n: Node(n, f"{self.tag}-{n}", f"{SUBNET}.{i}", self.root / n) for i, n in enumerate(names, 2)}
         self.address = f"{self.nodes['head'].address}:{GCS_PORT}"
