@@ -239,3 +239,10 @@ class NetnsCluster:
         left = [n for n in namespaces() if n.startswith(f"{self.tag}-")]
         left += [f"pid {p}" for n in left for p in pids(n)]
         return left + ([str(self.root)] if self.root.exists() else [])
+
+
+def identify(pid: int) -> str:
+    """The name of the namespace process `pid` runs in (its host); ClusterError when it is in none of them."""
+    if not (name := ip("netns", "identify", str(pid)).stdout.strip()):
+        raise ClusterError(f"process {pid} is in no named network namespace")
+    return name
