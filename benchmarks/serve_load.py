@@ -85,9 +85,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def jpeg_files(args: argparse.Namespace, folder: Path) -> list[Path]:
-    """max(--count, --batch-images) JPEGs in `folder`: copies of --images, else synthetic scenes."""
-    n = max(args.count, args.batch_images)
+def jpeg_files(args: argparse.Namespace, folder: Path, n: int) -> list[Path]:
+    """`n` JPEGs in `folder`: copies of --images, else synthetic scenes."""
     if args.images:
         for src in sorted(args.images.glob("*.jpg"))[:n]:
             shutil.copy(src, folder / src.name)
@@ -306,7 +305,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "images").mkdir()
-        files = jpeg_files(args, work / "images")
+        files = jpeg_files(args, work / "images",  # the crash run has no caption-batch part
+                           args.count if args.kill_replica_at is not None else max(args.count, args.batch_images))
         jpegs = [f.read_bytes() for f in files[:args.count]]
         captioner = Captioner.load(args.model, threads=args.threads)
         os.environ.update(caption_serve.INGRESS[args.ingress])  # for a local Ray; a cluster's nodes have theirs

@@ -11,7 +11,7 @@ them, and with them every interface and address they held.
 
 from __future__ import annotations
 
-import ctypes
+import itertools
 import os
 import re
 import shutil
@@ -20,17 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgecap.runtime.errors import EdgecapError
 
-PREFIX = "edgecap"            # namespaces are PREFIX + creator's pid + "-" + node name: stale ones are found
+PREFIX = "edgecap"            # namespaces: PREFIX + creator's pid + "." + serial + "-" + node: stale ones are found
 SUBNET = "10.10.0"            # the lan's /24, private to these namespaces (.1 is unused, the head is .2)
 GCS_PORT = 6379
-CLONE_NEWNET = 0x40000000
+SERIAL = itertools.count()    # clusters made by this process
 # a node lost is noticed in about 3 s instead of Ray's default of about 15 s (5 missed checks, 3 s apart)
 # every node and driver in token mode, with Ray's token file (~/.ray/auth_token, made by the head's start when
 # missing): the hosts share this machine's home; real ones each need a copy (or RAY_AUTH_TOKEN)
@@ -106,19 +104,8 @@ def remove(namespace: str) -> None:
 def reap_stale() -> None:
     """Remove the namespaces of an earlier process that died before it could (SIGKILLed pytest, say)."""
     for name in namespaces():
-        if (m := re.fullmatch(rf"{PREFIX}(\d+)-\w+", name)) and not Path(f"/proc/{m[1]}").exists():
+        if (m := re.fullmatch(rf"{PREFIX}(\d+)\.\d+-\w+", name)) and not Path(f"/proc/{m[1]}").exists():
             remove(name)
-
-
-def setns(path: str | int) -> None:
-    """Move the calling thread (only it) into a network namespace: a file under /run/netns or an open one."""
-    fd = os.open(path, os.O_RDONLY) if isinstance(path, str) else path
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET):
-            raise ClusterError(f"setns {path}: {os.strerror(ctypes.get_errno())}")
-    finally:
-        if isinstance(path, str):
-            os.close(fd)
 
 
 class NetnsCluster:
@@ -129,7 +116,7 @@ class NetnsCluster:
                  ray: str | None = None) -> None:
         self.ray = ray or str(Path(sys.executable).parent / "ray")
         self.num_cpus, self.env = num_cpus, {**AUTH, **FAST_HEALTH_CHECKS, **(env or {})}
-        self.tag = f"{PREFIX}{os.getpid()}"
+        self.tag = f"{PREFIX}{os.getpid()}.{next(SERIAL)}"
         self.lan = f"{self.tag}-lan"
         self.root = Path(tempfile.mkdtemp(prefix=f"{self.tag}-"))
         names = ["head", *(f"w{i}" for i in range(1, workers + 1))]
@@ -214,18 +201,6 @@ class NetnsCluster:
         for name in self.nodes:
             self.kill(name)
         self.start()
-
-    @contextmanager
-    def entered(self, node: str = "head") -> Iterator[None]:
-        """Run the calling thread in `node`'s namespace meanwhile: its sockets, and the threads and processes it
-        starts, are that host's (a Ray driver, HTTP clients)."""
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            setns(f"/run/netns/{self.nodes[node].namespace}")
-            yield
-        finally:
-            setns(own)
-            os.close(own)
 
     def close(self) -> None:
         """Kill every process in the namespaces, delete them, remove the temp dirs; safe to call twice."""
