@@ -238,7 +238,7 @@ def crash_report(args: argparse.Namespace, jpegs: list[bytes], captioner: Captio
     base = paired(f"{url}/{name}", captioner, jpegs)
     expected = [captioner.caption(data).text for data in jpegs]
     report = {"baseline": base, "crash": crash(f"{url}/{name}", name, jpegs, expected, args)}
-    serve.delete(name)  # a cluster keeps running after this driver
+    serve.delete(name, _blocking=False)  # a cluster keeps running after this driver (waiting: 30 s more)
     return report
 
 
@@ -248,6 +248,11 @@ def timed(command: list[str]) -> tuple[float, str]:
     if proc.returncode != 0:
         sys.exit(f"serve_load.py: error: {shlex.join(command)} failed: {proc.stderr.strip().splitlines()[-1]}")
     return time.perf_counter() - t0, proc.stderr
+
+
+def pipeline_rate(log: str) -> float:
+    """caption-batch's own images/s, from its closing line (the pipeline alone, without Ray's start)."""
+    return float(log.rsplit(" images/s", 1)[0].rsplit(", ", 1)[1])
 
 
 def batch_vs_run(args: argparse.Namespace, files: list[Path], work: Path) -> dict:
@@ -261,7 +266,7 @@ def batch_vs_run(args: argparse.Namespace, files: list[Path], work: Path) -> dic
     bin_dir = Path(sys.executable).parent
     run_s, _ = timed([str(bin_dir / "caption-run"), str(folder), "--quiet", *model])
     batch_s, log = timed([str(bin_dir / "caption-batch"), str(folder), "-o", str(work / "out.jsonl"), *model])
-    pipeline = float(log.rsplit(" images/s", 1)[0].rsplit(", ", 1)[1])
+    pipeline = pipeline_rate(log)
     n = len(list(folder.iterdir()))
     return {"images": n, "caption_run_s": round(run_s, 2), "caption_run_images_per_s": round(n / run_s, 2),
             "caption_batch_s": round(batch_s, 2), "caption_batch_images_per_s": round(n / batch_s, 2),
