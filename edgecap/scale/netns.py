@@ -158,21 +158,30 @@ class NetnsCluster:
         return ["ip", "netns", "exec", self.nodes[node].namespace, "env", *env, *argv]
 
     def start(self, names: list[str] | None = None) -> None:
-        """`ray start` on the named nodes (default: all; the head first when it is one of them), then wait until
-        the cluster has every node alive."""
+        """`ray start` on the named nodes (default: all): the head first when it is one of them, then the workers
+        together; then wait until the cluster has every node alive."""
         names = names or list(self.nodes)
-        for name in sorted(names, key=lambda n: n != "head"):
+        if "head" in names:
+            self.ray_start(["head"])
+        self.ray_start([n for n in names if n != "head"])
+        self.wait_alive(len(self.nodes))
+
+    def ray_start(self, names: list[str]) -> None:
+        """`ray start` on these nodes at once; a ClusterError naming the first that failed."""
+        starts = {}
+        for name in names:
             node = self.nodes[name]
             role = (["--head", f"--port={GCS_PORT}", "--include-dashboard=false"] if name == "head"
                     else [f"--address={self.address}"])
-            done = subprocess.run(self.on(name, self.ray, "start", *role, f"--node-ip-address={node.address}",
-                                          f"--num-cpus={self.num_cpus}", "--object-store-memory=100000000",
-                                          f"--temp-dir={node.temp_dir}", "--disable-usage-stats"),
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode:
-                last = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[-1]
-                raise ClusterError(f"ray start on {name} ({node.address}) failed: {last}")
-        self.wait_alive(len(self.nodes))
+            starts[name] = subprocess.Popen(
+                self.on(name, self.ray, "start", *role, f"--node-ip-address={node.address}",
+                        f"--num-cpus={self.num_cpus}", "--object-store-memory=100000000", f"--temp-dir={node.temp_dir}",
+                        "--disable-usage-stats"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, proc in starts.items():
+            out, err = proc.communicate(timeout=120)
+            if proc.returncode:
+                last = (err.strip() or out.strip() or f"exit {proc.returncode}").splitlines()[-1]
+                raise ClusterError(f"ray start on {name} ({self.nodes[name].address}) failed: {last}")
 
     def alive(self) -> set[str]:
         """The addresses of the nodes the head's GCS counts alive (asked from the head's namespace, by a process
