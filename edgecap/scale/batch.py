@@ -5,8 +5,10 @@
 Paths -> `map_batches` over a pool of Captioner actors (read, decode, caption) -> rows written by this process as
 they arrive: JSONL `{path, caption, score}` or, with --format parquet, a folder of Parquet parts. A rerun skips
 paths already in the output (so a killed run resumes); an unreadable image gives a row with an `error`; an actor
-that dies is replaced and its batch retried, so every input appears exactly once. SIGTERM or Ctrl-C keeps the
-rows written so far and stops (exit 128 + the signal's number); the same command resumes.
+that dies is replaced and its batch retried, so every input appears exactly once, also when a whole node of a
+cluster is lost (one line names it; the closing line counts each node's rows, and an error row names the node
+that could not read the image). SIGTERM or Ctrl-C keeps the rows written so far and stops (exit 128 + the
+signal's number); the same command resumes.
 """
 
 from __future__ import annotations
