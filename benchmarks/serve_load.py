@@ -11,6 +11,11 @@ is back to N replicas; and the same 1-client latency pairing against caption-run
 
   python benchmarks/serve_load.py --images ../shared/flickr8k/images --replicas 2 --kill-replica-at 3
 
+With --address it joins a running cluster from one of its nodes (serving on that node's address, port 8000)
+instead of starting a local Ray, and with --kill-host the crash takes the replica's whole host: every process in
+its network namespace (a node of edgecap.scale.netns, as benchmarks/cluster_load.py runs it). Answers are then
+checked against Captioner.caption too.
+
 The latency baseline is what caption-run does per image of a live source: decode the JPEG, then caption it
 alone (`Captioner.caption(bytes)`), on the same model, threads and images, alternating with one client's
 requests. See benchmarks/README.md.
@@ -41,7 +46,8 @@ from ray import serve
 import edgecap
 from edgecap.runtime.captioner import Captioner
 from edgecap.runtime.timing import percentiles
-from edgecap.scale import serve as caption_serve
+from edgecap.scale import netns, serve as caption_serve
+from edgecap.scale.cluster import connect
 from edgecap.train.synthetic import SyntheticSplit
 from latency import cpu_name  # this folder's latency benchmark
 
@@ -68,14 +74,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="measure a crash instead: SIGKILL one replica S seconds into the --kill-load run")
     p.add_argument("--kill-load", type=int, nargs=2, default=(600, 8), metavar=("REQUESTS", "CLIENTS"),
                    help="the crash run's load (default: 600 requests from 8 clients)")
+    p.add_argument("--kill-host", action="store_true",
+                   help="with --kill-replica-at: SIGKILL every process of the replica's host (its network namespace) "
+                        "instead of the replica alone")
+    p.add_argument("--address", metavar="ADDR",
+                   help="join this Ray cluster (run on one of its nodes; with --kill-replica-at only) instead of "
+                        "starting a local Ray")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
     return p.parse_args(argv)
 
 
-def jpeg_files(args: argparse.Namespace, folder: Path) -> list[Path]:
-    """max(--count, --batch-images) JPEGs in `folder`: copies of --images, else synthetic scenes."""
-    n = max(args.count, args.batch_images)
+def jpeg_files(args: argparse.Namespace, folder: Path, n: int) -> list[Path]:
+    """`n` JPEGs in `folder`: copies of --images, else synthetic scenes."""
     if args.images:
         for src in sorted(args.images.glob("*.jpg"))[:n]:
             shutil.copy(src, folder / src.name)
@@ -148,10 +159,12 @@ def deploy(args: argparse.Namespace, name: str, flags: list[str]) -> str:
     return name
 
 
-def crash(url: str, name: str, jpegs: list[bytes], args: argparse.Namespace) -> dict:
+def crash(url: str, name: str, jpegs: list[bytes], expected: list[str], args: argparse.Namespace) -> dict:
     """--kill-load requests (each client a keep-alive session); one replica SIGKILLed --kill-replica-at seconds
-    in. Each answer is counted by status and shape (JSON `{"error"}` or not); a request without an HTTP answer
-    is a reset (or a timeout). Recovery: from the kill until `name` runs --replicas live replicas again."""
+    in, or with --kill-host every process of its host. Each answer is counted by status and shape (JSON `{"error"}`
+    or not; a 200 whose caption differs from `expected`, Captioner.caption's, is "200 wrong caption"); a request
+    without an HTTP answer is a reset (or a timeout). Recovery: from the kill until `name` runs --replicas live
+    replicas again."""
     total, clients = args.kill_load
     outcomes: list[tuple[float, str]] = []  # (seconds since the load began, outcome)
 
@@ -163,22 +176,31 @@ def crash(url: str, name: str, jpegs: list[bytes], args: argparse.Namespace) -> 
                                      headers={"Content-Type": "image/jpeg"})
                     try:
                         shape = "json" if r.ok or set(r.json()) == {"error"} else "other"
+                        right = not r.ok or r.json()["captions"][0]["caption"] == expected[i % len(jpegs)]
                     except ValueError:
-                        shape = "not json"
+                        shape, right = "not json", True
                     retry = " retry-after" if r.headers.get("Retry-After") else ""
-                    outcome = f"{r.status_code}" + ("" if r.ok else f" {shape}{retry}")
+                    outcome = f"{r.status_code}" + ("" if r.ok else f" {shape}{retry}") + ("" if right else
+                                                                                          " wrong caption")
                 except requests.Timeout:
                     outcome = "timeout"
                 except requests.ConnectionError:
                     outcome = "reset"
                 outcomes.append((time.perf_counter() - t0, outcome))
 
-    victim = ray.get(next(caption_serve.replicas(name)).__ray_call__.remote(lambda _: os.getpid()))
+    where = lambda _: (os.getpid(), ray.util.get_node_ip_address())
+    replicas = ray.get([a.__ray_call__.remote(where) for a in caption_serve.replicas(name)], timeout=TIMEOUT)
+    if args.kill_host:  # a replica on another host than this driver's
+        here = netns.identify(os.getpid())
+        if not (replicas := [(p, a) for p, a in replicas if netns.identify(p) != here]):
+            sys.exit("serve_load.py: error: every replica runs on this driver's host: no other host to kill")
+    (victim, victim_node), hosts_before = replicas[0], replica_hosts(name)
+    host = netns.identify(victim) if args.kill_host else None
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, k) for k in range(clients)]
         time.sleep(args.kill_replica_at)
-        os.kill(victim, signal.SIGKILL)
+        netns.kill_all(host) if host else os.kill(victim, signal.SIGKILL)
         killed = time.perf_counter() - t0
         recovered, down = None, False
         while recovered is None and time.perf_counter() - t0 < killed + 120:
@@ -195,17 +217,29 @@ def crash(url: str, name: str, jpegs: list[bytes], args: argparse.Namespace) -> 
         counts[outcome] = counts.get(outcome, 0) + 1
     after_kill = [o for t, o in outcomes if t >= killed]
     failed = [round(t - killed, 2) for t, o in outcomes if o in ("reset", "timeout") or o.startswith("5")]
+    hosts = {"replica_hosts_before": hosts_before, "replica_hosts_after": replica_hosts(name),
+             "killed_node": victim_node} if args.kill_host else {}
     return {"requests": total, "clients": clients, "replicas": args.replicas, "killed_at_s": round(killed, 2),
             "outcomes": dict(sorted(counts.items())), "resets": counts.get("reset", 0),
             "non_json_errors": sum(n for o, n in counts.items() if "not json" in o or "other" in o),
-            "answered_after_kill": len(after_kill), "failures_s_after_kill": failed,
+            "wrong_captions": sum(n for o, n in counts.items() if "wrong caption" in o),
+            "answered_after_kill": len(after_kill), "failures_s_after_kill": failed, **hosts,
             "recovery_s": round(recovered, 2) if recovered is not None else None, "seconds": round(max(t for t, _ in outcomes), 2)}
+
+
+def replica_hosts(name: str) -> list[str]:
+    """The address of the node each live replica of `name` runs on, sorted."""
+    where = [a.__ray_call__.remote(lambda _: ray.util.get_node_ip_address()) for a in caption_serve.replicas(name)]
+    return sorted(ray.get(where, timeout=TIMEOUT))
 
 
 def crash_report(args: argparse.Namespace, jpegs: list[bytes], captioner: Captioner, url: str) -> dict:
     name = deploy(args, "crash", ["--replicas", str(args.replicas)])
     base = paired(f"{url}/{name}", captioner, jpegs)
-    return {"baseline": base, "crash": crash(f"{url}/{name}", name, jpegs, args)}
+    expected = [captioner.caption(data).text for data in jpegs]
+    report = {"baseline": base, "crash": crash(f"{url}/{name}", name, jpegs, expected, args)}
+    serve.delete(name, _blocking=False)  # a cluster keeps running after this driver (waiting: 30 s more)
+    return report
 
 
 def timed(command: list[str]) -> tuple[float, str]:
@@ -214,6 +248,11 @@ def timed(command: list[str]) -> tuple[float, str]:
     if proc.returncode != 0:
         sys.exit(f"serve_load.py: error: {shlex.join(command)} failed: {proc.stderr.strip().splitlines()[-1]}")
     return time.perf_counter() - t0, proc.stderr
+
+
+def pipeline_rate(log: str) -> float:
+    """caption-batch's own images/s, from its closing line (the pipeline alone, without Ray's start)."""
+    return float(log.rsplit(" images/s", 1)[0].rsplit(", ", 1)[1])
 
 
 def batch_vs_run(args: argparse.Namespace, files: list[Path], work: Path) -> dict:
@@ -227,7 +266,7 @@ def batch_vs_run(args: argparse.Namespace, files: list[Path], work: Path) -> dic
     bin_dir = Path(sys.executable).parent
     run_s, _ = timed([str(bin_dir / "caption-run"), str(folder), "--quiet", *model])
     batch_s, log = timed([str(bin_dir / "caption-batch"), str(folder), "-o", str(work / "out.jsonl"), *model])
-    pipeline = float(log.rsplit(" images/s", 1)[0].rsplit(", ", 1)[1])
+    pipeline = pipeline_rate(log)
     n = len(list(folder.iterdir()))
     return {"images": n, "caption_run_s": round(run_s, 2), "caption_run_images_per_s": round(n / run_s, 2),
             "caption_batch_s": round(batch_s, 2), "caption_batch_images_per_s": round(n / batch_s, 2),
@@ -265,23 +304,27 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
+    if (args.address or args.kill_host) and args.kill_replica_at is None:
+        sys.exit("serve_load.py: error: --address and --kill-host measure a crash: give --kill-replica-at")
     load_average = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "images").mkdir()
-        files = jpeg_files(args, work / "images")
+        files = jpeg_files(args, work / "images",  # the crash run has no caption-batch part
+                           args.count if args.kill_replica_at is not None else max(args.count, args.batch_images))
         jpegs = [f.read_bytes() for f in files[:args.count]]
         captioner = Captioner.load(args.model, threads=args.threads)
-        os.environ.update(caption_serve.INGRESS[args.ingress])
-        ray.init(include_dashboard=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
+        os.environ.update(caption_serve.INGRESS[args.ingress])  # for a local Ray; a cluster's nodes have theirs
+        connect(args.address, "serve_load.py")
+        host, port = (ray.util.get_node_ip_address(), 8000) if args.address else ("127.0.0.1", free_port())
+        serve.start(http_options={"host": "0.0.0.0" if args.address else host, "port": port})
+        url = f"http://{host}:{port}"
         if args.kill_replica_at is not None:
             report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]),
                       "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": load_average,
                                   "versions": {"edgecap": edgecap.__version__, "ray": ray.__version__}},
-                      "settings": {"ingress": args.ingress, "threads": args.threads, "count": len(jpegs)},
+                      "settings": {"ingress": args.ingress, "threads": args.threads, "count": len(jpegs),
+                                   "address": args.address, "kill_host": args.kill_host},
                       **crash_report(args, jpegs, captioner, url)}
             ray.shutdown()
             text = json.dumps(report, indent=1)

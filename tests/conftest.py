@@ -59,6 +59,18 @@ def black_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
 
 
+def write_scenes(folder: Path, count: int) -> Path:
+    """`count` synthetic scenes (112x112) as JPEG files scene000.jpg, ... in `folder`."""
+    import cv2
+
+    from edgecap.train.synthetic import SyntheticSplit
+
+    split = SyntheticSplit("test", count, image_size=112)
+    for i in range(count):
+        cv2.imwrite(str(folder / f"scene{i:03d}.jpg"), cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
+    return folder
+
+
 def drawn_scenes() -> list[np.ndarray]:
     """Beach, night, snow, grass (224x224, BGR): dissimilar for the bundled model's features, each far from the
     next in this order."""

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -20,8 +19,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 from edgecap.runtime import cli as caption_run
 from edgecap.runtime.captioner import Captioner
 from edgecap.scale import batch as caption_batch
-from edgecap.train.synthetic import SyntheticSplit
-from conftest import black_png  # noqa: E402
+from conftest import black_png, write_scenes  # noqa: E402
 from test_serve import bad_model  # noqa: E402
 
 N = 200
@@ -38,11 +36,7 @@ def local_ray():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """N synthetic scenes as JPEG files."""
-    folder = tmp_path_factory.mktemp("photos")
-    split = SyntheticSplit("test", N, image_size=112)
-    for i in range(N):
-        cv2.imwrite(str(folder / f"scene{i:03d}.jpg"), cv2.cvtColor(split.image(i), cv2.COLOR_RGB2BGR))
-    return folder
+    return write_scenes(tmp_path_factory.mktemp("photos"), N)
 
 
 def rows(path: Path) -> list[dict]:

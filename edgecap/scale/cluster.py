@@ -70,6 +70,31 @@ def connect(address: str | None, prog: str, verbose: bool = False) -> None:
         raise EdgecapError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's "started", "ready" notices
+        quiet_cluster_events(ray)
+
+
+def quiet_cluster_events(ray: ModuleType) -> None:
+    """Keep the cluster's event messages off this driver's stdout: Ray prints every message its GCS publishes to
+    drivers (a task retried, a node marked dead: several lines each, with Ray's log-dedup notice), through the
+    module-level `print_to_stdstream` of ray._private.worker (Ray 2.60), which has no switch. The commands
+    report what matters to them in their own line (caption-batch: a node lost)."""
+    worker = ray._private.worker
+    shown = worker.print_to_stdstream
+    if getattr(shown, "quiet", False):  # done by an earlier start in this process
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":  # the GCS's error channel; worker logs are off already (log_to_driver)
+            shown(data, ignore_prefix)
+
+    print_to_stdstream.quiet = True
+    worker.print_to_stdstream = print_to_stdstream
+
+
+def live_nodes() -> dict[str, str]:
+    """The cluster's live nodes: node id -> address."""
+    ray = require("ray", "edgecap")
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
 
 
 @contextmanager
