@@ -81,12 +81,20 @@ class SelfCritical(nn.Module):
         super().__init__()
         self.model, self.cached, self.reward, self.vocab, self.k, self.opts = model, cached, reward, vocab, samples, opts
 
-    def forward(self, x: Tensor, index: Tensor) -> tuple[Tensor, dict[str, float]]:
+    def sample(self, x: Tensor) -> Samples:
+        """K captions per image of a batch of images (or cached regions) [B, ...]."""
         regions, pooled = (x, self.model.encoder.pool(x)) if self.cached else self.model.encoder(x)
-        samples = sample_captions(self.model.decoder, regions, pooled, self.k, self.opts)
+        return sample_captions(self.model.decoder, regions, pooled, self.k, self.opts)
+
+    def rewards(self, index: Tensor, samples: Samples) -> Tensor:
+        """CIDEr-D [B, K] of each sample against the references of its image (`index` [B] in the training split)."""
         captions = [self.vocab.decode(row).split() for row in samples.tokens.tolist()]
         scores = self.reward.scores(index.repeat_interleave(self.k).tolist(), captions)
-        rewards = torch.tensor(scores, device=x.device).view(-1, self.k)                           # [B, K]
+        return torch.tensor(scores, device=samples.tokens.device).view(-1, self.k)
+
+    def forward(self, x: Tensor, index: Tensor) -> tuple[Tensor, dict[str, float]]:
+        samples = self.sample(x)
+        rewards = self.rewards(index, samples)                                                    # [B, K]
         baseline = mean_of_others(rewards)
         loss = policy_loss(samples, (rewards - baseline).flatten())
         return loss, {"reward": rewards.mean().item(), "baseline": baseline.mean().item()}
