@@ -4,11 +4,10 @@ gradient's sign, a better model than its cross-entropy start, resume after a kil
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL
-
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 from edgecap.train.checkpoint import load_checkpoint
@@ -85,28 +84,34 @@ def test_a_step_makes_the_better_sample_likelier(decoder, sign):
     assert (advantage * (after - before)).sum() > 0
 
 
+def _cross_entropy_run(encoder_run: Path, out: Path, decoder: str, scenes: int) -> tuple[dict, Path]:
+    """One cross-entropy epoch of a small decoder on a frozen tiny encoder (the attention fixture's): the attention
+    decoder then trains on cached features, the plain one (its pool is learned) on images."""
+    settings = dict(data="synthetic", synthetic_train=scenes, synthetic_dev=50, batch_size=16, min_freq=1,
+                    embed_dim=16, hidden_dim=32, attention_dim=16, decoder=decoder, encoder="tiny",
+                    encoder_weights=str(encoder_run))
+    train(TrainConfig.from_flat(**settings, epochs=1, output=str(out)))
+    return settings, out / "best.pt"
+
+
 @pytest.mark.parametrize("decoder", ["plain", "attention"])
-def test_one_scst_epoch_beats_its_cross_entropy_start(trained, decoder, tmp_path, capsys):
-    """From the cross-entropy fixture, one self-critical epoch raises dev CIDEr-D (the same 100 dev scenes)."""
-    init = trained(decoder)
+def test_scst_raises_dev_cider_over_its_cross_entropy_start(trained, decoder, tmp_path, capsys):
+    """From a weak cross-entropy start, two self-critical epochs raise dev CIDEr-D (measured: 0.020 -> 0.464 plain,
+    0.015 -> 0.457 attention)."""
+    settings, init = _cross_entropy_run(trained("attention"), tmp_path / "ce", decoder, 256)
     start = load_checkpoint(init)["metrics"]["dev_cider"]
-    record = train(TrainConfig.from_flat(**{**SMALL, "decoder": decoder, "objective": "scst", "init": str(init),
-                                            "epochs": 1, "lr": 2e-4, "output": str(tmp_path)}))
+    record = train(TrainConfig.from_flat(**settings, objective="scst", init=str(init), epochs=2, lr=1e-3,
+                                         output=str(tmp_path / "scst")))
     out = capsys.readouterr().out
-    assert "data: synthetic shapes: 2000 train, 100 dev" in out
-    assert f"self-critical from {init} (epoch" in out and "5 samples per image" in out
+    assert "data: synthetic shapes: 256 train, 50 dev" in out
+    assert f"self-critical from {init} (epoch 1, dev CIDEr-D {start:.3f}), 5 samples per image" in out
     assert record["reward"] == pytest.approx(record["baseline"]) and record["images_per_s"] > 0
-    assert record["dev_cider"] > start, (record["dev_cider"], start)
+    assert record["dev_cider"] > start + 0.1, (record["dev_cider"], start)
 
 
 @pytest.fixture
 def cross_entropy_run(trained, tmp_path):
-    """A tiny cross-entropy run on the fixture's frozen tiny encoder (so training reads cached features)."""
-    settings = dict(data="synthetic", synthetic_train=64, synthetic_dev=16, batch_size=16, min_freq=1, embed_dim=16,
-                    hidden_dim=32, attention_dim=16, decoder="attention", encoder="tiny",
-                    encoder_weights=str(trained("attention")))
-    train(TrainConfig.from_flat(**settings, epochs=1, output=str(tmp_path / "ce")))
-    return settings, tmp_path / "ce" / "best.pt"
+    return _cross_entropy_run(trained("attention"), tmp_path / "ce", "attention", 64)
 
 
 def test_scst_resume_after_a_kill_continues_bit_identically(cross_entropy_run, tmp_path, capsys):
