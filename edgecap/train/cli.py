@@ -37,7 +37,8 @@ HELP = {
     "patience": "stop after this many epochs without a better dev score",
     "dev_limit": "dev images decoded after each epoch",
     "threads": "PyTorch threads (1 is fastest on a busy 2-core CPU)",
-    "image_size": "input side in pixels (default: the encoder's own, 224; 112 for tiny)",
+    "image_size": "input side in pixels (default: the encoder's own: 224 lite0 and resnet50, 240 lite1, 260 lite2, "
+                  "112 tiny)",
     "lr": "learning rate (default: 1e-3 for adam, 0.1 for sgd; scst: 5e-5 and 5e-3)",
     "train_limit": "train on the first N training images only",
     "epochs": "passes over the training pairs (a synthetic epoch, 4,000 scenes, took 20 s on 2 idle cores)",
