@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
+from edgecap.train import trainer
 from edgecap.train.checkpoint import load_checkpoint
 from edgecap.train.cli import main as train_main
 from edgecap.train.model import AttentionDecoder, ModelConfig, PlainDecoder
@@ -114,11 +116,19 @@ def cross_entropy_run(trained, tmp_path):
     return _cross_entropy_run(trained("attention"), tmp_path / "ce", "attention", 64)
 
 
-def test_scst_resume_after_a_kill_continues_bit_identically(cross_entropy_run, tmp_path, capsys):
+def test_scst_resume_after_a_kill_continues_bit_identically(cross_entropy_run, tmp_path, capsys, monkeypatch):
     settings, init = cross_entropy_run
     scst = dict(settings, objective="scst", init=str(init), epochs=2, samples=3)
+    shown = []
+
+    class Bar(trainer.tqdm):  # what the progress bar shows after each batch
+        def set_postfix(self, ordered_dict=None, **kwargs):
+            shown.append(set(ordered_dict or {}) | set(kwargs))
+
+    monkeypatch.setattr(trainer, "tqdm", Bar)
     train(TrainConfig.from_flat(**scst, output=str(tmp_path / "full")))
     assert "cached features, self-critical from" in capsys.readouterr().out
+    assert shown and all({"loss", "reward", "baseline", "img_s"} <= keys for keys in shown)
 
     class Killed(Exception):
         pass
@@ -157,3 +167,20 @@ def test_init_mismatches_are_one_line_errors(cross_entropy_run, tmp_path, capsys
     assert train_main(["--objective", "scst", "--output", str(tmp_path / "x")]) == 2
     assert "pass --init RUN/best.pt" in capsys.readouterr().err
     assert not (tmp_path / "scst" / "last.pt").exists()
+
+
+def test_scst_step_benchmark_smoke(trained, tmp_path):
+    """benchmarks/scst_step.py on the attention fixture: the parts of a step and the reward's share add up."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scst_step.py"
+    cmd = [sys.executable, str(script), "--ckpt", str(trained("attention")), "--batch-size", "4", "--samples", "3",
+           "--steps", "2", "--warmup", "0", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    ms = report["median_ms"]
+    assert set(ms) == {"sample", "reward", "update"} and all(v > 0 for v in ms.values())
+    assert 0 < report["reward_share"] < 1 and report["images_per_step"] == 4 and report["samples_per_image"] == 3
+    assert "| reward |" in (tmp_path / "r.md").read_text() and "| reward |" in done.stdout
