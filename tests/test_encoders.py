@@ -1,4 +1,4 @@
-"""The encoder registry: rows build and load strictly, Lite0 sees, preprocessing travels bit for bit."""
+"""The encoder registry: rows build and load strictly, the EfficientNet-Lites see, preprocessing travels bit for bit."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from edgecap.train.model import CaptionModel, Encoder, ModelConfig
 from edgecap.train.trainer import TrainConfig
 
 IMAGENET_DOGS = range(151, 269)  # ImageNet-1k classes 151-268 are dog breeds
+LITES = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
 
 
 @pytest.mark.parametrize("name", list(ENCODERS))
@@ -25,18 +26,22 @@ def test_rows_build_and_give_a_grid(name):
     enc = Encoder(name, image_size=spec.preprocessing.size).eval()
     size = spec.preprocessing.size
     regions, pooled = enc(torch.randn(1, 3, size, size))
-    side = size // spec.stride
+    side = -(-size // spec.stride)  # "same" padding rounds up: Lite1 at 240 gives 8x8, Lite2 at 260 9x9
     assert regions.shape == (1, side * side, spec.channels) and pooled.shape == (1, spec.channels)
 
 
-def test_lite0_loads_strictly_from_its_package_and_records_sha256():
-    enc = Encoder("efficientnet-lite0")
+@pytest.mark.parametrize("name", LITES)
+def test_lites_load_strictly_from_their_packages_and_record_sha256(name):
+    enc = Encoder(name)
     before = enc.body[1]._depthwise_conv.weight.clone()
     sha = enc.load_pretrained("imagenet")
-    assert sha == file_sha256(weights_file("efficientnet-lite0", "imagenet")) and len(sha) == 64
+    path = weights_file(name, "imagenet")
+    assert sha == file_sha256(path) and len(sha) == 64
+    assert sha.startswith(path.stem.rsplit("-", 1)[1])  # the file name carries its hash's first 8 digits
     assert not torch.equal(before, enc.body[1]._depthwise_conv.weight)
-    net, _ = pretrained_network("efficientnet-lite0", "imagenet")
-    x = torch.randn(2, 3, 224, 224)
+    net, _ = pretrained_network(name, "imagenet")
+    size = ENCODERS[name].preprocessing.size
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():  # the body is the network's own stem and blocks
         want = torch.nn.functional.relu6(net._bn0(net._conv_stem(x)))
         for block in net._blocks:
@@ -68,7 +73,7 @@ def test_finetune_blocks_per_backbone():
     with pytest.raises(ValueError, match="0-4 for resnet50"):
         ModelConfig(encoder="resnet50", finetune_blocks=5)
     with pytest.raises(ValueError, match="did you mean 'efficientnet-lite0'"):
-        ModelConfig(encoder="efficientnet-lite")
+        ModelConfig(encoder="efficientnet-lit0")
 
 
 def test_lite0_stays_in_eval_mode_while_training():
@@ -89,6 +94,8 @@ def test_bad_model_settings_fail_before_data_is_read(tmp_path):
         TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="resnet5")
     with pytest.raises(ValueError, match="built for 224x224"):
         TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="efficientnet-lite0", image_size=160)
+    with pytest.raises(ValueError, match="built for 260x260"):
+        TrainConfig.from_flat(data=str(tmp_path / "nowhere"), encoder="efficientnet-lite2", image_size=224)
     with pytest.raises(ValueError, match="unknown decoder 'attn' \\(did you mean 'attention'\\?\\)"):
         TrainConfig.from_flat(data=str(tmp_path / "nowhere"), decoder="attn")
 
@@ -104,23 +111,27 @@ def test_preprocessing_travels_bit_for_bit(name):
     assert runtime_side == ENCODERS[name].preprocessing
 
 
-def test_lite0_preprocessing_is_the_tensorflow_scheme():
-    pre = ENCODERS["efficientnet-lite0"].preprocessing
-    rgb = np.resize(np.arange(256, dtype=np.uint8), (224, 224, 3))
+@pytest.mark.parametrize("name, size", [("efficientnet-lite0", 224), ("efficientnet-lite1", 240),
+                                        ("efficientnet-lite2", 260)])
+def test_lite_preprocessing_is_the_tensorflow_scheme_at_its_own_size(name, size):
+    pre = ENCODERS[name].preprocessing
+    assert pre.size == size and TrainConfig.from_flat(data="synthetic", encoder=name).image_size == size
+    rgb = np.resize(np.arange(256, dtype=np.uint8), (size, size, 3))
     want = (rgb.astype(np.float64).transpose(2, 0, 1) - 127) / 128
     assert np.abs(pre.batch([rgb])[0] - want).max() < 1e-6
 
 
 @pytest.mark.skipif(not SHARED_FLICKR8K.is_dir(), reason="needs ../shared/flickr8k")
-def test_lite0_sees_dogs_in_flickr8k_photos():
-    net, _ = pretrained_network("efficientnet-lite0", "imagenet")
-    pre = ENCODERS["efficientnet-lite0"].preprocessing
+@pytest.mark.parametrize("name", LITES)  # measured: 11, 11 and 10 of the 12
+def test_lites_see_dogs_in_flickr8k_photos(name):
+    net, _ = pretrained_network(name, "imagenet")
+    pre = ENCODERS[name].preprocessing
     photos = dog_photos(12)
     images = torch.from_numpy(pre.batch([read_rgb(SHARED_FLICKR8K / "images" / x) for x in photos]))
     with torch.no_grad():
         top1 = net(images).argmax(1).tolist()
     dogs = sum(c in IMAGENET_DOGS for c in top1)
-    assert len(photos) == 12 and dogs >= 9, f"{dogs}/12 dog photos classified as dogs: {top1}"
+    assert len(photos) == 12 and dogs >= 9, f"{name}: {dogs}/12 dog photos classified as dogs: {top1}"
 
 
 def test_tiny_encoder_from_a_checkpoint_is_frozen_and_lets_the_plain_decoder_see(trained, tmp_path, capsys):
@@ -167,3 +178,53 @@ def test_checkpoint_weights_must_be_an_edgecap_checkpoint_of_the_same_encoder(tm
         enc.load_pretrained(str(tmp_path / "body.pth"))
     with pytest.raises(ModelError, match="not found.*edgecap checkpoint"):
         enc.load_pretrained(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite1", "efficientnet-lite2"])
+def test_lite_feature_cache_export_and_runtime_follow_its_size(name, tmp_path, capsys):
+    """A tiny random decoder on the pretrained Lite1/Lite2: the feature cache encodes through ONNX Runtime at the
+    row's size, the export writes that size into the manifest and its encoder graph, and the torch-free runtime
+    resizes a photo of another size to it, captioning as PyTorch does."""
+    from dataclasses import asdict
+
+    from edgecap.export.exporter import ExportOptions, export_model
+    from edgecap.runtime.captioner import Captioner
+    from edgecap.runtime.decode import decode
+    from edgecap.runtime.manifest import Manifest
+    from edgecap.runtime.vocab import Vocabulary
+    from edgecap.train.checkpoint import save_checkpoint
+    from edgecap.train.engine import TorchEngine
+    from edgecap.train.features import encode_split
+    from edgecap.train.synthetic import SyntheticSplit
+
+    torch.manual_seed(0)
+    spec = ENCODERS[name]
+    size, side = spec.preprocessing.size, -(-spec.preprocessing.size // spec.stride)
+    cfg = TrainConfig.from_flat(data="synthetic", encoder=name, embed_dim=8, hidden_dim=16, attention_dim=8)
+    vocab = Vocabulary.build(["a dog runs on the grass", "a man rides a red bike", "two girls sit on a bench"])
+    model = CaptionModel(cfg.model_config(len(vocab)), cfg.image_size)
+    sha = model.encoder.load_pretrained("imagenet")
+    pre = cfg.preprocessing()
+    assert pre.size == size
+
+    cached = encode_split(model.encoder, SyntheticSplit("dev", 3, image_size=size), pre, torch.device("cpu"), None,
+                          "encode dev")
+    assert "3 images through ONNX Runtime" in capsys.readouterr().out and cached.shape == (3, side * side,
+                                                                                          spec.channels)
+
+    save_checkpoint(tmp_path / "tiny.pt", {
+        "model_config": model.cfg.to_dict(), "train_config": asdict(cfg), "vocab": vocab.to_list(),
+        "preprocessing": pre.to_dict(), "model": model.state_dict(), "encoder_weights_sha256": sha})
+    folder = export_model(tmp_path / "tiny.pt", ExportOptions(output=tmp_path / "model", verify_count=2),
+                          say=lambda _: None)
+    manifest = Manifest.load(folder)
+    assert manifest.preprocessing == spec.preprocessing and manifest.source.encoder == name
+    assert manifest.source.encoder_weights_sha256 == sha == file_sha256(weights_file(name, "imagenet"))
+    assert manifest.graphs["fp32"]["encoder"].inputs[0].shape[1:] == [3, size, size]
+
+    captioner = Captioner.load(folder)
+    photo = np.random.default_rng(1).integers(0, 256, (300, 410, 3), dtype=np.uint8)
+    assert captioner.preprocess.size == size
+    got = captioner.caption(photo)
+    want = decode(TorchEngine(model), pre.batch([photo]), captioner.options)[0][0]
+    assert got.tokens == want.tokens and len(got.attention[0]) == side * side

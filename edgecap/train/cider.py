@@ -1,5 +1,6 @@
-"""CIDEr-D as a training reward: the references' n-gram vectors and document frequencies computed once, then each
-sampled caption scored by counting only its own n-grams.
+"""CIDEr-D as a training reward: the references' n-gram vectors and document frequencies computed once (from the
+training references, as for self-critical training), then each sampled caption scored by counting only its own
+n-grams.
 
 The arithmetic is pycocoevalcap's `Cider` (the COCO CIDEr-D: n-grams 1-4, tf-idf weights from the references'
 document frequencies, clipped products, a Gaussian penalty with sigma 6 on the length difference, x10), so a
@@ -60,3 +61,13 @@ class CiderD:
                     overlap /= norm[order] * ref_norm[order]
                 total += overlap * penalty / self.n
         return total / len(refs) * 10.0
+
+    def scores(self, keys: Sequence[Hashable], candidates: Sequence[Sequence[str]]) -> list[float]:
+        """Each candidate's CIDEr-D against its key's references; a (key, candidate) pair that repeats within the
+        batch (an image's samples often agree) is scored once."""
+        memo: dict[tuple[Hashable, tuple[str, ...]], float] = {}
+        for key, candidate in zip(keys, candidates):
+            pair = (key, tuple(candidate))
+            if pair not in memo:
+                memo[pair] = self(key, candidate)
+        return [memo[(key, tuple(candidate))] for key, candidate in zip(keys, candidates)]

@@ -88,29 +88,47 @@ def caption_ids(vocab: Vocabulary, caption: str, max_len: int) -> list[int]:
     return vocab.encode(caption)[:max_len] + [vocab.end_id]
 
 
-class CaptionPairs(Dataset):
-    """Every (image, caption) pair of a split; the image side is a cached feature row or a fresh image."""
+class SplitImages(Dataset):
+    """Each image of a split with its index; the image side is a cached feature row or a fresh image."""
 
-    def __init__(self, split: Split, vocab: Vocabulary, max_len: int, preprocess: Preprocessing,
-                 features: torch.Tensor | None = None, augment: bool = False):
+    def __init__(self, split: Split, preprocess: Preprocessing, features: torch.Tensor | None = None,
+                 augment: bool = False):
         self.split, self.preprocess, self.features = split, preprocess, features
-        self.pairs = [(i, caption_ids(vocab, cap, max_len)) for i in range(len(split)) for cap in split.captions(i)]
         self.augment = v2.Compose([
             v2.RandomResizedCrop(preprocess.size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
             v2.ColorJitter(0.2, 0.2, 0.2),
         ]) if augment and features is None else None
 
     def __len__(self) -> int:
+        return len(self.split)
+
+    def input(self, i: int) -> torch.Tensor:
+        """Image i's cached regions [R, D] or preprocessed pixels [3, S, S]."""
+        if self.features is not None:
+            return self.features[i].float()
+        rgb = self.split.image(i)
+        if self.augment is not None:
+            rgb = self.augment(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+        return torch.from_numpy(self.preprocess(rgb))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.input(i), i
+
+
+class CaptionPairs(Dataset):
+    """Every (image, caption) pair of a split, the image side as `SplitImages` gives it."""
+
+    def __init__(self, split: Split, vocab: Vocabulary, max_len: int, preprocess: Preprocessing,
+                 features: torch.Tensor | None = None, augment: bool = False):
+        self.images = SplitImages(split, preprocess, features, augment)
+        self.pairs = [(i, caption_ids(vocab, cap, max_len)) for i in range(len(split)) for cap in split.captions(i)]
+
+    def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, list[int]]:
         i, ids = self.pairs[k]
-        if self.features is not None:
-            return self.features[i].float(), ids                                  # [R, D]
-        rgb = self.split.image(i)
-        if self.augment is not None:
-            rgb = self.augment(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy()
-        return torch.from_numpy(self.preprocess(rgb)), ids                       # [3, S, S]
+        return self.images.input(i), ids
 
 
 def collate(batch: list[tuple[torch.Tensor, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

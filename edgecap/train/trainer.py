@@ -1,4 +1,5 @@
-"""Maximum-likelihood training of either decoder, with dev CIDEr-D model selection and early stopping, resume and DDP."""
+"""Training of either decoder by cross-entropy or self-critical sequence training (`--objective`), with dev CIDEr-D
+model selection and early stopping, resume and DDP."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
@@ -26,16 +26,22 @@ from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
 
 from .checkpoint import checkpoint_model_config, load_checkpoint, save_checkpoint
-from .data import CaptionPairs, Head, collate, open_splits
+from .data import Head, open_splits
 from .encoders import encoder_spec
 from .engine import TorchEngine
 from .evaluate import caption_split, dev_scores
 from .features import cached_features
 from .model import CaptionModel, Encoder, ModelConfig
+from .objectives import OBJECTIVES, make_objective
 
 SELECT = {"cider": "dev_cider", "bleu4": "dev_bleu4"}  # --select -> the log record's key
 LOG = "log.jsonl"  # one JSON record per finished epoch, in the run folder
 ARCHITECTURE = ("decoder", "encoder", "finetune_blocks", "embed_dim", "hidden_dim", "attention_dim")
+# what `caption-train --init CKPT` takes from CKPT's settings unless typed: its data and its network
+INIT_SETTINGS = ("data", "layout", "on_missing", "model", "image_size", "min_freq", "max_len", "seed", "train_limit",
+                 "synthetic_train", "synthetic_dev", "dev_limit", "cache_dir", "threads")
+DEFAULT_LR = {("cross-entropy", "adam"): 1e-3, ("cross-entropy", "sgd"): 0.1, ("scst", "adam"): 5e-5,
+              ("scst", "sgd"): 5e-3}
 
 
 @dataclass
@@ -44,12 +50,15 @@ class TrainConfig:
     layout: str | None = None
     on_missing: str = "skip"           # skip (counted in the data line) | error: listed images whose file is missing
     output: str = "runs/exp"
+    objective: str = "cross-entropy"   # cross-entropy | scst (self-critical, from an --init checkpoint)
+    init: str | None = None            # start from this checkpoint's weights (same network and vocabulary)
+    samples: int = 5                   # scst: captions sampled per image (the baseline is the others' mean)
     model: ModelConfig = field(default_factory=ModelConfig)
     image_size: int | None = None      # input side for the preprocessing spec (default: the encoder's)
     epochs: int = 20
     batch_size: int = 64
     optimizer: str = "adam"            # adam | sgd (with momentum)
-    lr: float | None = None            # default: 1e-3 adam, 0.1 sgd
+    lr: float | None = None            # default: 1e-3 adam, 0.1 sgd (scst: 5e-5 adam, 5e-3 sgd)
     momentum: float = 0.9
     weight_decay: float = 0.0
     grad_clip: float = 5.0
@@ -76,7 +85,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Fill in the data-dependent defaults; bad settings fail here, before any data is read."""
         checks = {"optimizer": ("adam", "sgd"), "schedule": ("cosine", "step", "constant"),
-                  "on_missing": ("error", "skip"), "select": tuple(SELECT)}
+                  "on_missing": ("error", "skip"), "select": tuple(SELECT), "objective": OBJECTIVES}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise choice_error(name, getattr(self, name), allowed)
@@ -89,12 +98,20 @@ class TrainConfig:
         spec.check_size(encoder, self.image_size)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.objective == "scst" and not self.init:
+            raise ValueError("--objective scst starts from a cross-entropy checkpoint of the same model: "
+                             "pass --init RUN/best.pt")
+        if self.samples < 2:
+            raise ValueError(f"--samples must be at least 2 (each sample's baseline is the others' mean), "
+                             f"got {self.samples}")
         if self.lr is None:
-            self.lr = 1e-3 if self.optimizer == "adam" else 0.1
+            self.lr = DEFAULT_LR[self.objective, self.optimizer]
         # recorded absolute, so that a resume from another working directory reads and writes the same places
         self.output = str(Path(self.output).resolve())
         if self.cache_dir is not None:
             self.cache_dir = str(Path(self.cache_dir).resolve())
+        if self.init is not None:
+            self.init = str(Path(self.init).resolve())
         if self.data != "synthetic" and Path(self.data).exists():
             self.data = str(Path(self.data).resolve())
 
@@ -168,14 +185,36 @@ def _make_optimizer(cfg: TrainConfig, params) -> tuple[torch.optim.Optimizer, An
     return opt, sched
 
 
-def _loss(logits: torch.Tensor, alphas: torch.Tensor | None, targets: torch.Tensor, att_reg: float):
-    """Cross-entropy over real words (+ λ·Σ_regions (1 − Σ_t α)² for attention). -> (total, ce)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=Vocabulary.pad_id)
-    if alphas is None or att_reg == 0:
-        return ce, ce
-    mask = (targets != Vocabulary.pad_id).unsqueeze(2).to(alphas.dtype)  # [B, T, 1]
-    reg = ((1.0 - (alphas * mask).sum(1)) ** 2).mean()
-    return ce + att_reg * reg, ce
+def _model_differences(ckpt: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """How a checkpoint's network differs from the one `cfg` describes: "decoder plain, not attention", ..."""
+    mcfg, pre = checkpoint_model_config(ckpt), Preprocessing.from_dict(ckpt["preprocessing"])
+    typed = cfg.model_config(mcfg.vocab_size)
+    differ = [f"{f} {getattr(mcfg, f)}, not {getattr(typed, f)}" for f in ARCHITECTURE
+              if getattr(mcfg, f) != getattr(typed, f)]
+    return differ + ([f"image size {pre.size}, not {cfg.image_size}"] if pre.size != cfg.image_size else [])
+
+
+def _check_init(init: dict[str, Any], cfg: TrainConfig, vocab: Vocabulary) -> None:
+    """An --init checkpoint must hold the network this run trains, over the vocabulary of this run's data."""
+    if differ := _model_differences(init, cfg):
+        raise ModelError(f"--init {cfg.init}: its model has {'; '.join(differ)} (--init continues the same "
+                         "encoder and decoder)")
+    if init["vocab"] != vocab.to_list():
+        raise ModelError(f"--init {cfg.init} has another vocabulary ({len(init['vocab'])} words) than this run's "
+                         f"training data gives ({len(vocab)} words at --min-freq {cfg.min_freq}): start from a "
+                         "checkpoint trained on the same data")
+
+
+def _start_line(cfg: TrainConfig, init: dict[str, Any] | None) -> str:
+    """What the model line says of the objective: the --init checkpoint with its dev score, the samples."""
+    start = ""
+    if init is not None:
+        metrics = init.get("metrics", {})
+        start = (f" from {cfg.init}" + (f" (epoch {metrics['epoch']}, dev CIDEr-D {metrics['dev_cider']:.3f})"
+                                         if "dev_cider" in metrics else ""))
+    if cfg.objective == "scst":
+        return f", self-critical{start}, {cfg.samples} samples per image"
+    return f", initialised{start}" if start else ""
 
 
 def _append_log(out: Path, record: dict[str, Any]) -> None:
@@ -261,25 +300,25 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
     ckpt = load_checkpoint(resumed) if resumed is not None else resume
     if ctx.main:
         _claim_output(out, ckpt, resumed, cfg.force)
+    init = load_checkpoint(cfg.init) if cfg.init and ckpt is None else None  # a resume has its own weights
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"])
         mcfg = checkpoint_model_config(ckpt)
         pre = Preprocessing.from_dict(ckpt["preprocessing"])
-        typed = cfg.model_config(len(vocab))
-        differ = [f"{f} {getattr(mcfg, f)}, not {getattr(typed, f)}" for f in ARCHITECTURE
-                  if getattr(mcfg, f) != getattr(typed, f)]
-        differ += [f"image size {pre.size}, not {cfg.image_size}"] if pre.size != cfg.image_size else []
-        if differ:
+        if differ := _model_differences(ckpt, cfg):
             raise ModelError(f"the checkpoint's model has {'; '.join(differ)} (--resume keeps its model settings)")
     else:
         vocab = Vocabulary.build((c for i in range(len(train_split)) for c in train_split.captions(i)),
                                  cfg.min_freq)
+        if init is not None:
+            _check_init(init, cfg, vocab)
         mcfg = cfg.model_config(len(vocab))
         pre = cfg.preprocessing()
     model = CaptionModel(mcfg, pre.size)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        weights_sha256 = ckpt.get("encoder_weights_sha256")
+    if ckpt is not None or init is not None:
+        start = ckpt if ckpt is not None else init
+        model.load_state_dict(start["model"])
+        weights_sha256 = start.get("encoder_weights_sha256")
     else:
         weights_sha256 = model.encoder.load_pretrained(cfg.model.encoder_weights)
     model.to(ctx.device)
@@ -304,8 +343,8 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
                          "frozen encoder): pass --no-cache-features to augment, or leave out --augment")
     if ctx.main:
         print(f"data: {desc}\nmodel: {mcfg.encoder} + {mcfg.decoder}, vocabulary {len(vocab)}, "
-              f"{_encoder_mode(model.encoder, cached, mcfg.encoder_weights)}, {ctx.world} process(es) on {ctx.device}",
-              flush=True)
+              f"{_encoder_mode(model.encoder, cached, mcfg.encoder_weights)}{_start_line(cfg, init)}, "
+              f"{ctx.world} process(es) on {ctx.device}", flush=True)
     train_feats = dev_feats = None
     if cached:
         source = f"{cfg.data if cfg.data == 'synthetic' else Path(cfg.data).resolve()}, seed {cfg.seed}"
@@ -315,9 +354,11 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         if ctx.world > 1:
             dist.barrier()
         train_feats, dev_feats = (torch.load(p, weights_only=True) for p in paths)
-    dataset = CaptionPairs(train_split, vocab, cfg.max_len, pre, train_feats, cfg.augment)
-    module = model.decoder if cached else model
+    module, dataset, collate = make_objective(cfg.objective, model, cached, train_split, vocab, pre, train_feats,
+                                              att_reg=cfg.att_reg, max_len=cfg.max_len, augment=cfg.augment,
+                                              samples=cfg.samples)
     net = DistributedDataParallel(module) if ctx.world > 1 else module
+    unit = "images" if cfg.objective == "scst" else "pairs"
     amp = cfg.amp and ctx.device.type == "cuda"
     record: dict[str, Any] = {}
     first = state["epoch"] if state["since_best"] < cfg.patience else cfg.epochs  # a run that stopped early stays so
@@ -336,27 +377,27 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
         module.train()
         if cached:
             model.encoder.eval()
-        t0, seen, total_loss, total_ce = time.perf_counter(), 0, 0.0, 0.0
+        t0, seen, totals = time.perf_counter(), 0, {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if ctx.main else True, leave=False)
-        for x, words, targets in bar:
-            x, words, targets = x.to(ctx.device), words.to(ctx.device), targets.to(ctx.device)
+        for batch in bar:
+            batch = [t.to(ctx.device) for t in batch]  # inputs (images or cached regions), then the targets
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                inputs = (x, model.encoder.pool(x)) if cached else (x,)  # cached: regions, pooled
-                logits, alphas = net(*inputs, words)
-                loss, ce = _loss(logits, alphas, targets, cfg.att_reg)
+                loss, stats = net(*batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             opt.step()
-            seen += len(x)
-            total_loss += loss.item() * len(x)
-            total_ce += ce.item() * len(x)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen * ctx.world / (time.perf_counter() - t0):.0f}")
+            stats = {"loss": loss.item(), **stats}  # the batch's means
+            seen += len(batch[0])
+            for name, value in stats.items():
+                totals[name] = totals.get(name, 0.0) + value * len(batch[0])
+            bar.set_postfix({**{name: f"{value:.3f}" for name, value in stats.items()},
+                             "img_s": f"{seen * ctx.world / (time.perf_counter() - t0):.0f}"})
         sched.step()
-        record = {"epoch": epoch + 1, "loss": total_loss / seen, "ce": total_ce / seen,
+        record = {"epoch": epoch + 1, **{name: total / seen for name, total in totals.items()},
                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2),
-                  "pairs_per_s": round(seen * ctx.world / (time.perf_counter() - t0), 1)}
+                  f"{unit}_per_s": round(seen * ctx.world / (time.perf_counter() - t0), 1)}
         stop = torch.zeros(1)
         if ctx.main:
             model.eval()
@@ -377,7 +418,9 @@ def train(cfg: TrainConfig, resume: str | Path | dict | None = None,
             if improved:
                 save_checkpoint(out / "best.pt", payload)
             _append_log(out, record)
-            print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, dev CIDEr-D {record['dev_cider']:.3f}, "
+            print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, "
+                  + (f"mean reward {record['reward']:.3f}, " if "reward" in record else "")
+                  + f"dev CIDEr-D {record['dev_cider']:.3f}, "
                   f"BLEU-4 {record['dev_bleu4']:.3f}, exact {record['dev_exact']:.2f}, "
                   f"{record['dev_distinct']} distinct, {record['seconds']:.0f} s"
                   + (" (best)" if improved else ""), flush=True)
