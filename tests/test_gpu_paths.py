@@ -51,7 +51,7 @@ def test_tensorrt_caches_of_a_read_only_folder_go_to_the_user_cache(monkeypatch,
 
 def test_sessions_record_where_their_nodes_run():
     engine = Captioner.load(BUNDLED, threads=1).engine
-    assert set(engine.placement) == {"encoder", "decoder_init", "decoder_step"}
+    assert set(engine.placement) == {"encoder", "decoder_init", "decoder_step", "tagger"}
     for role, placed in engine.placement.items():
         assert list(placed) == [CPU] and placed[CPU] > 0, role
     subgraphs = [SimpleNamespace(ep_name=ep, get_nodes=lambda n=n: [None] * n)
