@@ -92,6 +92,15 @@ def test_tags_and_attention_in_the_caption_record(captioner):
     assert "attention" not in result.to_dict() and "tags" not in captioner.caption(image, tags=0).to_dict()
 
 
+def test_an_images_tags_do_not_depend_on_its_batch(captioner):
+    scenes = drawn_scenes()
+    batched = captioner.caption(scenes, tags=5)
+    for scene, together in zip(scenes, batched):
+        alone = captioner.caption(scene, tags=5)
+        assert [t for t, _ in together.tags] == [t for t, _ in alone.tags]
+        assert max(abs(p - q) for (_, p), (_, q) in zip(together.tags, alone.tags)) <= 2e-4
+
+
 def test_caption_run_tags_text_and_json(scene_files, captioner):
     run = [sys.executable, "-m", "edgecap.runtime.cli", "--threads", "1", "--quiet", str(scene_files / "scene0.png")]
     text = subprocess.run(run + ["--tags", "2"], capture_output=True, text=True, timeout=120)

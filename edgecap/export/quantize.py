@@ -201,17 +201,6 @@ def quantize_decoder_weights(fp32: Path, out: Path, *, block_size: int = 32, min
                               + (", LSTM dynamic int8" if lstm else ""))
 
 
-def quantize_dynamic_int8(fp32: Path, out: Path) -> QuantReport:
-    """Dynamic int8: per-channel int8 weights, activations quantized per run (ORT's MatMulInteger). For graphs of
-    a few wide matrix products over many rows, such as the tagger (1x1 head conv over 49 regions, classifier):
-    measured 0.17 against 0.42 ms for weight-only int8 (MatMulNBits), batch 1, 1 thread, one run."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edgecap-quant-") as tmp:
-        quantize_dynamic(_preprocess(Path(fp32), Path(tmp)), out, weight_type=QuantType.QInt8, per_channel=True)
-    return _report(out, fp32, "dynamic int8 (per-channel int8 weights, activations quantized per run)")
-
-
 def convert_fp16(fp32: Path, out: Path) -> QuantReport:
     """float16 weights and compute; graph inputs and outputs stay float32 (keep_io_types)."""
     model = convert_float_to_float16(str(fp32), keep_io_types=True)
