@@ -142,14 +142,14 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
             "startup_rss_mb": startup, "peak_rss_mb": peak_rss_mb(), "tokens": tokens}
 
 
-def skip_reason(name: str, manifest: Manifest, args_ckpt: str | None) -> str | None:
+def skip_reason(name: str, manifest: Manifest, ckpt: str | None) -> str | None:
     """Why a variant cannot run here, or None."""
     engine, precision, device = VARIANTS[name]
     b = BACKENDS[engine]
     if b.reads == "checkpoint":
         import torch
 
-        if args_ckpt is None:
+        if ckpt is None:
             return "no --ckpt given"
         return None if device == "cpu" or torch.cuda.is_available() else "PyTorch here has no CUDA device"
     if precision not in manifest.graphs:

@@ -22,6 +22,21 @@ SMALL = dict(data="synthetic", synthetic_train=2000, synthetic_dev=100, batch_si
 ROWS_PER_BLOCK = 512
 
 
+def train_cut_after_first_epoch(config) -> None:
+    """Train `config` and kill the run (an exception from its epoch hook) once its first epoch is checkpointed."""
+    from edgecap.train.trainer import train
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch: int, _) -> None:
+        if epoch == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, on_epoch_end=kill_after_first)
+
+
 def dog_photos(n: int) -> list[str]:
     """The first `n` Flickr8k test photos all five of whose captions mention a dog (file names)."""
     names = (SHARED_FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()

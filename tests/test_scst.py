@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_cut_after_first_epoch
 
 from edgecap.runtime.search import SearchOptions
 from edgecap.runtime.vocab import Vocabulary
@@ -130,15 +131,7 @@ def test_scst_resume_after_a_kill_continues_bit_identically(cross_entropy_run, t
     assert "cached features, self-critical from" in capsys.readouterr().out
     assert shown and all({"loss", "reward", "baseline", "img_s"} <= keys for keys in shown)
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first(epoch, _):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(TrainConfig.from_flat(**scst, output=str(tmp_path / "cut")), on_epoch_end=kill_after_first)
+    train_cut_after_first_epoch(TrainConfig.from_flat(**scst, output=str(tmp_path / "cut")))
     assert train_main(["--resume", str(tmp_path / "cut" / "last.pt")]) == 0
     full, resumed = (load_checkpoint(tmp_path / run / "last.pt") for run in ("full", "cut"))
     assert full["model"].keys() == resumed["model"].keys()

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import train_cut_after_first_epoch
 
 from edgecap.runtime.errors import DataError, ModelError
 from edgecap.runtime.search import SearchOptions
@@ -86,15 +87,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
                  embed_dim=16, hidden_dim=32, attention_dim=16, decoder="attention")
     train(TrainConfig.from_flat(**small, output=str(tmp_path / "full")))
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first(epoch, _):
-        if epoch == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(TrainConfig.from_flat(**small, output=str(tmp_path / "cut")), on_epoch_end=kill_after_first)
+    train_cut_after_first_epoch(TrainConfig.from_flat(**small, output=str(tmp_path / "cut")))
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["train_state"]["epoch"] == 1
     assert train_main(["--resume", str(tmp_path / "cut" / "last.pt")]) == 0
     full, resumed = _weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "cut" / "last.pt")
