@@ -23,20 +23,26 @@ demo: $(STAMP)
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
-# The shipped Flickr8k model: frozen EfficientNet-Lite0 + both decoders, trained on 2 CPU cores (`make model`).
+# The shipped Flickr8k model (`make model`): a frozen EfficientNet encoder + soft attention, trained on 2 CPU cores
+# in three stages; each training stage resumes from its last.pt when a killed `make model` is run again.
 DATA ?= ../shared/flickr8k
-RUNS := runs/flickr8k-lite0
+ENCODER ?= efficientnet-lite0
+RUNS := runs/flickr8k-$(ENCODER:efficientnet-%=%)
 BUNDLED := edgecap/models/flickr8k-lite0
-TRAIN_REAL := $(BIN)/caption-train --data $(DATA) --encoder efficientnet-lite0 --threads 1 \
-	--embed-dim 512 --hidden-dim 512 --attention-dim 512 --lr 4e-4 --batch-size 64 --epochs 6 --patience 2 \
-	--cache-dir $(RUNS)/cache
+SCST_EPOCHS ?= 6
+TRAIN := $(BIN)/caption-train --threads 1 --patience 2
+CE := $(TRAIN) --data $(DATA) --encoder $(ENCODER) --decoder attention --cache-dir runs/cache \
+	--embed-dim 512 --hidden-dim 512 --attention-dim 512 --lr 4e-4 --batch-size 64 --epochs 6
+SCST := $(TRAIN) --objective scst --init $(RUNS)/ce/best.pt --epochs $(SCST_EPOCHS) --cache-dir runs/cache
+# $(call stage,NAME,COMMAND): the training run $(RUNS)/NAME, resumed from its last.pt when there is one
+stage = if [ -f $(RUNS)/$(1)/last.pt ]; then $(BIN)/caption-train --resume $(RUNS)/$(1)/last.pt; \
+	else $(2) --output $(RUNS)/$(1); fi
 
-# each training run resumes from its last.pt when a killed `make model` is run again
 model: $(STAMP)
-	if [ -f $(RUNS)/attention/last.pt ]; then $(BIN)/caption-train --resume $(RUNS)/attention/last.pt; \
-	else $(TRAIN_REAL) --decoder attention --output $(RUNS)/attention; fi
-	if [ -f $(RUNS)/plain/last.pt ]; then $(BIN)/caption-train --resume $(RUNS)/plain/last.pt; \
-	else $(TRAIN_REAL) --decoder plain --output $(RUNS)/plain; fi
-	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(RUNS)/attention/model --int8 --keep-fp32 encoder --force
-	$(BIN)/export-onnx $(RUNS)/plain/best.pt -o $(RUNS)/plain/model --int8 --keep-fp32 encoder --force
-	$(BIN)/export-onnx $(RUNS)/attention/best.pt -o $(BUNDLED) --int8 --keep-fp32 encoder --drop-fp32 --force
+	@echo "make model: 1/3 feature cache and cross-entropy training -> $(RUNS)/ce"
+	$(call stage,ce,$(CE))
+	@echo "make model: 2/3 self-critical training from $(RUNS)/ce/best.pt -> $(RUNS)/scst"
+	$(call stage,scst,$(SCST))
+	@echo "make model: 3/3 export -> $(RUNS)/scst/model and $(BUNDLED)"
+	$(BIN)/export-onnx $(RUNS)/scst/best.pt -o $(RUNS)/scst/model --int8 --keep-fp32 encoder --force
+	$(BIN)/export-onnx $(RUNS)/scst/best.pt -o $(BUNDLED) --int8 --keep-fp32 encoder --drop-fp32 --force

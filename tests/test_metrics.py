@@ -167,6 +167,8 @@ def test_hypotheses_subset_is_scored_on_its_own_ids():
 def test_corpus_stats_on_hand_made_example():
     stats = corpus_stats({"a": "A dog runs.", "b": "a dog runs", "c": "Two cats!"})
     assert stats == {"distinct_captions": 2, "distinct_ratio": pytest.approx(2 / 3),
-                     "vocab_used": 5, "mean_length": pytest.approx(8 / 3)}
+                     "vocab_used": 5, "mean_length": pytest.approx(8 / 3), "dangling_share": 0.0}
+    ends = corpus_stats({"a": "a dog runs in the", "b": "a man with a", "c": "the end", "d": "", "e": "and."})
+    assert ends["dangling_share"] == pytest.approx(3 / 5)  # "the", "a", "and"; not "end" or the empty caption
     with pytest.raises(ValueError):
         corpus_stats({})

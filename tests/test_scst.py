@@ -11,12 +11,13 @@ import torch
 from conftest import train_cut_after_first_epoch
 
 from edgecap.runtime.search import SearchOptions
-from edgecap.runtime.vocab import Vocabulary
+from edgecap.runtime.vocab import SPECIALS, Vocabulary
 from edgecap.train import trainer
 from edgecap.train.checkpoint import load_checkpoint
+from edgecap.train.cider import CiderD
 from edgecap.train.cli import main as train_main
 from edgecap.train.model import AttentionDecoder, ModelConfig, PlainDecoder
-from edgecap.train.scst import mean_of_others, policy_loss, sample_captions
+from edgecap.train.scst import Samples, SelfCritical, mean_of_others, policy_loss, sample_captions, training_reward
 from edgecap.train.trainer import TrainConfig, train
 
 DECODERS = {"plain": PlainDecoder, "attention": AttentionDecoder}
@@ -41,6 +42,38 @@ def test_baseline_is_the_mean_of_the_other_samples_and_advantages_sum_to_zero():
             others = [rewards[i, m].item() for m in range(5) if m != j]
             assert baseline[i, j].item() == pytest.approx(sum(others) / 4)
     assert (rewards - baseline).sum(1).abs().max() < 1e-6
+
+
+class _Refs:
+    """The part of a training split the reward reads: each image's reference captions."""
+
+    def __init__(self, refs: list[list[str]]):
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def captions(self, i: int) -> list[str]:
+        return self.refs[i]
+
+
+def test_the_reward_sees_where_a_caption_ends():
+    refs = _Refs([["a dog runs in the park", "a dog runs on the grass"], ["two men ride bikes", "men on bikes"],
+                  ["the cat"], ["a bird in the sky"]])
+    vocab = Vocabulary(list(SPECIALS) + "a dog runs in on the park grass".split())
+    ids = {w: vocab.words.index(w) for w in vocab.words}
+    pad, end = Vocabulary.pad_id, Vocabulary.end_id
+    rows = [[ids[w] for w in "dog runs in the park".split()] + [end],     # ends where a reference ends
+            [ids[w] for w in "a dog runs in the".split()] + [end],        # stops mid-phrase
+            [ids[w] for w in "a dog runs in the".split()] + [pad]]        # the same words, cut by max_length
+    tokens = torch.tensor(rows)
+    samples = Samples(tokens, torch.zeros(tokens.shape), (tokens != pad).float())
+    rewards = SelfCritical(None, True, training_reward(refs), vocab, 3, SearchOptions()).rewards(
+        torch.tensor([0]), samples)[0].tolist()
+    assert rewards[0] > rewards[1]  # "park <end>" is in the references, "the <end>" is not
+    assert rewards[2] > rewards[1]  # a cut caption is not rewarded nor punished for an ending it lacks
+    plain = CiderD({i: [c.split() for c in refs.captions(i)] for i in range(len(refs))})
+    assert plain(0, "a dog runs in the".split()) > plain(0, "dog runs in the park".split())  # what it fixes
 
 
 @pytest.mark.parametrize("decoder", list(DECODERS))

@@ -29,10 +29,14 @@ APP = "edgecap"
 # HAProxy retries a request whose replica died on another (captioning is idempotent): on a refused connection,
 # and on a connection closed with no answer or a broken one; 6 tries outlast its mark-down of a server after 3
 # errors, so that with one replica the last ones reach Serve's fallback proxy, which holds them until the
-# replacement replica is up. A request is retried only when it fits HAProxy's buffer (1 MiB here, 16 kB by
-# default). Round robin sends a retry to the next replica; least-connections (Ray's default) picked the dead one,
-# which has none, again, until the tries ran out (a plain-text 500, or a keep-alive connection closed unanswered).
-HAPROXY_RETRIES = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+# replacement replica is up. Round robin sends a retry to the next replica; least-connections (Ray's default)
+# picked the dead one, which has none, again, until the tries ran out.
+# HAProxy retries only a request it had whole before sending it (it drops the retry otherwise: a 502, seen as a
+# plain-text 500, when a replica died on a request whose body was still arriving); `option http-buffer-request`
+# makes it wait for the whole body first. Ray 2.60 has no setting for that option, so it rides on the line
+# that ends Ray's `retry-on` line in its HAProxy template. Bodies up to the buffer (1 MiB here) are retried.
+HAPROXY_RETRIES = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response\n"
+                                                 "    option http-buffer-request",
                    "RAY_SERVE_HAPROXY_RETRIES": "6", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 20),
                    "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": "roundrobin"}
 # --ingress -> the environment a Ray instance needs for it (set before the instance starts; a cluster's nodes

@@ -138,13 +138,14 @@ def compare(report: dict, baseline: dict) -> dict:
 def markdown(report: dict) -> str:
     """A short table: one row per search setting."""
     names = [m for m in next(iter(report["results"].values()))["scores"]]
-    head = ["search", *names, "distinct", "shuffled BLEU-4", "shuffled CIDEr-D"]
+    head = ["search", *names, "distinct", "dangling ends", "shuffled BLEU-4", "shuffled CIDEr-D"]
     lines = [f"{report['model']} ({report['engine']} {report['precision']}) on {report['split']}, "
              f"{report['images']} images, {report['tokenizer']} tokenizer", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in report["results"].items():
         cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in r["scores"].values()]
-        cells += [str(r["stats"]["distinct_captions"]), f"{r['shuffled']['BLEU-4']:.3f}",
+        cells += [str(r["stats"]["distinct_captions"]), f"{r['stats']['dangling_share']:.1%}",
+                  f"{r['shuffled']['BLEU-4']:.3f}",
                   f"{r['shuffled']['CIDEr-D']:.3f}"]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     if "baseline" in report:

@@ -159,8 +159,14 @@ def bleu4(references: dict[str, list[str]], hypotheses: dict[str, str]) -> float
     return float(score_captions(references, hypotheses, tokenizer="simple", metrics=("BLEU-4",))["BLEU-4"])
 
 
+# a caption that ends on one of these stopped mid-phrase ("a dog runs in the"): self-critical training is known
+# to teach such endings, since CIDEr-D rewards the n-grams before them
+DANGLING_WORDS = frozenset({"a", "an", "the", "of", "in", "on", "with", "and"})
+
+
 def corpus_stats(hypotheses: dict[str, str]) -> dict[str, float]:
-    """Diversity of generated captions, compared after the simple tokenizer ("A dog." == "a dog")."""
+    """Diversity of generated captions, compared after the simple tokenizer ("A dog." == "a dog"), and the share
+    that end on a function word (`DANGLING_WORDS`)."""
     if not hypotheses:
         raise ValueError("hypotheses must be non-empty")
     token_lists = [tokenize(h) for h in hypotheses.values()]
@@ -170,4 +176,5 @@ def corpus_stats(hypotheses: dict[str, str]) -> dict[str, float]:
         "distinct_ratio": distinct / len(token_lists),
         "vocab_used": len({w for t in token_lists for w in t}),
         "mean_length": sum(map(len, token_lists)) / len(token_lists),
+        "dangling_share": sum(bool(t) and t[-1] in DANGLING_WORDS for t in token_lists) / len(token_lists),
     }

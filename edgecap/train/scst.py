@@ -2,6 +2,10 @@
 self-critical sequence training"): per image, K captions are sampled from the decoder's own step function; each
 one's reward is its CIDEr-D against the image's training references, its baseline the mean reward of the image's
 other K-1 samples (no greedy pass), and the loss is -(reward - baseline) * log p(word), averaged over the words.
+
+The reward counts the end of a caption as a word (`END`, on the references and on every sample that ended), as
+ruotianluo's ImageCaptioning.pytorch does: plain CIDEr-D never sees where a caption stops, so sampling learns to
+stop mid-phrase ("a dog runs in the"), while n-grams such as "the END" occur in no reference.
 """
 
 from __future__ import annotations
@@ -55,10 +59,13 @@ def sample_captions(decoder: nn.Module, regions: Tensor, pooled: Tensor, k: int,
     return Samples(words, torch.stack(logprobs, 1), (words != Vocabulary.pad_id).float())
 
 
+END = "<end>"  # the end of a caption as a reward word: no tokenized caption can hold it (tokenize drops "<>")
+
+
 def training_reward(split: Split) -> CiderD:
-    """CIDEr-D against each training image's references (keyed by its index), document frequencies over all of
-    them: computed once per run."""
-    return CiderD({i: [tokenize(c) for c in split.captions(i)] for i in range(len(split))})
+    """CIDEr-D against each training image's references (keyed by its index) ending in `END`, document
+    frequencies over all of them: computed once per run."""
+    return CiderD({i: [tokenize(c) + [END] for c in split.captions(i)] for i in range(len(split))})
 
 
 def mean_of_others(rewards: Tensor) -> Tensor:
@@ -88,8 +95,10 @@ class SelfCritical(nn.Module):
         return sample_captions(self.model.decoder, regions, pooled, self.k, self.opts)
 
     def rewards(self, index: Tensor, samples: Samples) -> Tensor:
-        """CIDEr-D [B, K] of each sample against the references of its image (`index` [B] in the training split)."""
-        captions = [self.vocab.decode(row).split() for row in samples.tokens.tolist()]
+        """CIDEr-D [B, K] of each sample (with `END` when it ended) against the references of its image (`index`
+        [B] in the training split)."""
+        captions = [self.vocab.decode(row).split() + ([END] if Vocabulary.end_id in row else [])
+                    for row in samples.tokens.tolist()]
         scores = self.reward.scores(index.repeat_interleave(self.k).tolist(), captions)
         return torch.tensor(scores, device=samples.tokens.device).view(-1, self.k)
 
