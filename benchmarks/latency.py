@@ -4,7 +4,8 @@
 Every variant runs in its own freshly spawned process through the same Captioner and search code, so its
 peak resident memory (the process's VmHWM) is its own. A model folder with a tagger graph is also timed with
 --tags labels at beam 3 in the same rounds: the tagger's share of a caption. Without --ckpt the PyTorch
-reference and the encoder's FLOPs floor are left out. See benchmarks/README.md.
+reference and the encoder's FLOPs floor are left out. Several --model LABEL=DIR compare models in one run, each
+against the first. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ DEFAULT_VARIANTS = sorted((n for n, (_, precision, device) in VARIANTS.items() i
 MATMUL_N = 2048
 
 
+def variant_key(label: str, name: str, models: dict[str, str]) -> str:
+    """A measured variant's name in the report: the variant's with one model, "LABEL VARIANT" with several."""
+    return name if len(models) == 1 else f"{label} {name}"
+
+
 def search_name(beams: int) -> str:
     return SearchOptions(num_beams=beams).name
 
@@ -72,11 +78,11 @@ def peak_rss_mb() -> float:
     return int(hwm.split()[1]) / 1024
 
 
-def load_captioner(name: str, args: argparse.Namespace) -> Captioner:
+def load_captioner(name: str, model: str, args: argparse.Namespace) -> Captioner:
     engine, precision, device = VARIANTS[name]
     if BACKENDS[engine].reads == "model folder":
-        return Captioner.load(args.model, engine, precision, device, args.threads)
-    manifest = Manifest.load(args.model)  # vocabulary, preprocessing and search defaults
+        return Captioner.load(model, engine, precision, device, args.threads)
+    manifest = Manifest.load(model)  # vocabulary, preprocessing and search defaults
     return Captioner(manifest, make_engine(engine, args.ckpt, precision, device, args.threads), manifest.search)
 
 
@@ -109,17 +115,17 @@ def timed_runs(captioner: Captioner, images: list[np.ndarray], batch: int,
     raise AssertionError("unreachable")
 
 
-def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict:
-    """Run in a fresh process: one variant's latencies, throughput, captions and peak memory."""
+def measure(label: str, name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict:
+    """Run in a fresh process: one model's variant's latencies, throughput, captions and peak memory."""
     startup = peak_rss_mb()  # interpreter, numpy, onnxruntime, OpenCV
-    captioner = load_captioner(name, args)
+    captioner = load_captioner(name, args.models[label], args)
     engine = captioner.engine
     provider = getattr(engine, "provider", None) or f"torch {engine.device}"
     searches = {search_name(k): (search_options(captioner, k), 0) for k in args.beams}
     tagged = f"{SPEEDUP_SEARCH}+tags{args.tags}"
     if args.tags and captioner.manifest.has_tagger(captioner.precision):
         searches[tagged] = (search_options(captioner, 3), args.tags)
-    with tqdm(desc=name, unit="round") as bar:
+    with tqdm(desc=variant_key(label, name, args.models), unit="round") as bar:
         runs, seen = timed_runs(captioner, images, 1, searches, args, bar)
         throughput, _ = timed_runs(captioner, images, args.batch, {"greedy": searches["greedy"]}, args, bar)
     latency, tokens = {}, {}
@@ -133,7 +139,7 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
     if tagged in runs:
         latency["tagger"] = percentiles([t["tagger_ms"] for t in runs[tagged]])
     batch_ms = [t["total_ms"] for t in throughput["greedy"]]
-    return {"engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
+    return {"model": label, "variant": name, "engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
             "provider": provider, "placement": getattr(engine, "placement", None), "latency_ms": latency,
             "runs": {search: len(r) for search, r in runs.items()},
             "mean_words": {s: float(np.mean([len(t) + 1 for t in toks])) for s, toks in tokens.items()},  # <end> too
@@ -143,14 +149,14 @@ def measure(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> di
 
 
 def skip_reason(name: str, manifest: Manifest, ckpt: str | None) -> str | None:
-    """Why a variant cannot run here, or None."""
+    """Why a variant cannot run here, or None; `ckpt` is the model's checkpoint, if one was given."""
     engine, precision, device = VARIANTS[name]
     b = BACKENDS[engine]
     if b.reads == "checkpoint":
         import torch
 
         if ckpt is None:
-            return "no --ckpt given"
+            return "no --ckpt given for this model"
         return None if device == "cpu" or torch.cuda.is_available() else "PyTorch here has no CUDA device"
     if precision not in manifest.graphs:
         return f"model folder has no {precision} graphs (export with {EXPORT_FLAG[precision]})"
@@ -158,11 +164,11 @@ def skip_reason(name: str, manifest: Manifest, ckpt: str | None) -> str | None:
     return None if provider in ort.get_available_providers() else f"ONNX Runtime here has no {provider}"
 
 
-def run_variant(name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict | str:
-    """The variant's results from a fresh spawned process, or the one-line reason it failed."""
+def run_variant(label: str, name: str, args: argparse.Namespace, images: list[np.ndarray]) -> dict | str:
+    """The model's variant's results from a fresh spawned process, or the one-line reason it failed."""
     try:
         with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:  # exits cleanly, unlike Pool
-            return pool.submit(measure, name, args, images).result()
+            return pool.submit(measure, label, name, args, images).result()
     except Exception as e:  # one broken variant (e.g. a TensorRT build failure) must not lose the others
         first = (str(e).strip().splitlines() or [""])[0][:200]
         return f"failed: {type(e).__name__}: {first}"
@@ -215,11 +221,17 @@ def load_images(args: argparse.Namespace, size: int) -> tuple[list[np.ndarray], 
 
 
 def add_ratios(variants: dict[str, dict]) -> None:
-    """Speed-up over PyTorch eager, wider beams' cost over greedy, and caption agreement with PyTorch eager."""
+    """Speed-up over PyTorch eager, wider beams' cost over greedy, caption agreement with PyTorch eager (each
+    against its own model's reference) and, with several models, each search's p50 over the first model's."""
     tokens = {name: v.pop("tokens") for name, v in variants.items()}
-    ref = variants.get(REFERENCE)
+    first = next(iter(variants.values()))["model"]
+    by = {(v["model"], v["variant"]): (name, v) for name, v in variants.items()}
     for name, v in variants.items():
         lat, mine = v["latency_ms"], tokens[name]
+        ref_name, ref = by.get((v["model"], REFERENCE), (None, None))
+        base = by.get((first, v["variant"]), (None, None))[1]
+        v["vs_first_model"] = {s: lat[s]["p50"] / base["latency_ms"][s]["p50"] for s in mine} \
+            if base and len({m for m, _ in by}) > 1 else None
         v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in mine if s != "greedy"}
         if "tagger" in lat:
             tagged = next(s for s in mine if "+tags" in s)
@@ -227,7 +239,7 @@ def add_ratios(variants: dict[str, dict]) -> None:
                                  "of_end_to_end": lat["tagger"]["p50"] / lat[tagged]["p50"],
                                  "end_to_end_vs_untagged": lat[tagged]["p50"] / lat[SPEEDUP_SEARCH]["p50"]}
         v["speedup_vs_torch"] = {s: ref["latency_ms"][s]["p50"] / lat[s]["p50"] for s in mine} if ref else None
-        v["agreement_with_torch"] = {s: {"identical": sum(a == b for a, b in zip(mine[s], tokens[REFERENCE][s])),
+        v["agreement_with_torch"] = {s: {"identical": sum(a == b for a, b in zip(mine[s], tokens[ref_name][s])),
                                          "images": len(mine[s])} for s in mine} if ref else None
 
 
@@ -242,6 +254,9 @@ def table(report: dict) -> list[str]:
     head = ["variant", "encoder p50", "decoder/word p50", "greedy p50", "greedy p90", "greedy p99",
             *(f"{x} p50" for x in searches[1:]), f"{widest}/greedy", f"throughput img/s (batch {s['batch']})",
             "peak RSS MB", f"speed-up vs torch ({SPEEDUP_SEARCH})", f"identical to torch ({', '.join(searches)})"]
+    several = len(s["models"]) > 1
+    if several:
+        head.append(f"{SPEEDUP_SEARCH} p50 vs {next(iter(s['models']))}")
     rows = [head, ["---"] * len(head)]
     for name, v in report["variants"].items():
         lat, agree, speed = v["latency_ms"], v["agreement_with_torch"], v["speedup_vs_torch"] or {}
@@ -251,6 +266,8 @@ def table(report: dict) -> list[str]:
                      fmt(v["cost_vs_greedy"].get(widest), 1, "×"), fmt(v["throughput"]["images_per_s"], 1),
                      fmt(v["peak_rss_mb"], 0), fmt(speed.get(SPEEDUP_SEARCH), 2, "×"),
                      ", ".join(f"{a['identical']}/{a['images']}" for a in agree.values()) if agree else "–"])
+        if several:
+            rows[-1].append(fmt((v["vs_first_model"] or {}).get(SPEEDUP_SEARCH), 2, "×"))
     return ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -261,7 +278,8 @@ def notes(report: dict) -> list[str]:
     lines = [f"ms per image at batch 1 (end-to-end = preprocess + encoder + decoder), p50 over timed rounds of every "
              f"search in turn (at least {s['repeats']} and {s['min_seconds']:g} s: {rounds}) after {s['warmup']} "
              f"warm-up; {s['threads']} threads on {m['cores']} cores ({m['cpu']}); {s['count']} "
-             f"images ({s['images']}, {s['image_size']} px); peak RSS = the variant's own process (VmHWM)."]
+             f"images ({s['images']}; model input " + ", ".join(f"{label} {px} px" for label, px in s["image_size"].items())
+             + "); peak RSS = the variant's own process (VmHWM)."]
     if floor:
         lines.append(f"Physical floor: encoder {floor['encoder_gflops']:.3f} GFLOPs / "
                      f"{floor['matmul_gflops_per_s']:.1f} GFLOP/s (fp32 {MATMUL_N}² matmul) = {floor['floor_ms']:.2f} "
@@ -275,11 +293,12 @@ def notes(report: dict) -> list[str]:
     if m["load_average"] > 0.5 * m["cores"]:
         lines.append(f"Warning: the machine was busy before the run (load average {m['load_average']:.1f} on "
                      f"{m['cores']} cores): other work distorts these numbers.")
-    if (int8 := variants.get("ort-int8")) and int8["speedup_vs_torch"]:
-        lines.append("ort-int8 speed-up over PyTorch eager: "
-                     + ", ".join(f"{x} {r:.2f}×" for x, r in int8["speedup_vs_torch"].items()))
     for name, v in variants.items():
-        if name != REFERENCE and (agree := v["agreement_with_torch"]):
+        if v["variant"] == "ort-int8" and v["speedup_vs_torch"]:
+            lines.append(f"{name} speed-up over PyTorch eager: "
+                         + ", ".join(f"{x} {r:.2f}×" for x, r in v["speedup_vs_torch"].items()))
+    for name, v in variants.items():
+        if v["variant"] != REFERENCE and (agree := v["agreement_with_torch"]):
             differ = {x: a["images"] - a["identical"] for x, a in agree.items()}
             lines.append(f"{name}: {sum(differ.values())} of {sum(a['images'] for a in agree.values())} captions "
                          "differ from torch (" + ", ".join(f"{x} {d}" for x, d in differ.items()) + ")")
@@ -314,11 +333,19 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def model_arg(text: str) -> tuple[str, str]:
+    """--model [LABEL=]DIR -> (label, folder); the label defaults to the folder's name."""
+    label, sep, folder = text.partition("=")
+    return (label, folder) if sep and label else (Path(text).name or text, text)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="latency.py", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", help="checkpoint (.pt) for the PyTorch eager reference and the FLOPs (default: "
                                   "none, both left out)")
-    p.add_argument("--model", required=True, help="model folder written by export-onnx")
+    p.add_argument("--model", action="append", required=True, type=model_arg, metavar="[LABEL=]DIR",
+                   help="model folder written by export-onnx; repeat (LABEL=DIR) to compare models in one run, "
+                        "each against the first (--ckpt then belongs to the first)")
     p.add_argument("--images", help="image folder or glob (default: synthetic scenes at the model's size)")
     p.add_argument("--count", type=int, default=20, help="images to use (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
@@ -338,6 +365,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--markdown", help="write the table here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     args = p.parse_args(argv)
+    args.models = dict(args.model)
+    if len(args.models) < len(args.model):
+        p.error("--model: each model needs its own LABEL")
     if unknown := [n for n in args.variants if n not in VARIANTS]:
         p.error(str(choice_error("variant", unknown[0], list(VARIANTS))))
     if 3 not in args.beams:
@@ -366,29 +396,36 @@ def main() -> None:
 
     load_average = os.getloadavg()[0]  # before this run adds its own
     args = parse_args(sys.argv[1:])
+    first = next(iter(args.models))
     try:
-        manifest, floor = Manifest.load(args.model), None
+        manifests, floor = {label: Manifest.load(folder) for label, folder in args.models.items()}, None
         if args.ckpt:
             ckpt = load_checkpoint(args.ckpt)
-            if ckpt["vocab"] != manifest.vocab:
-                raise ModelError(f"{args.ckpt} and {args.model} are different models (their vocabularies differ)")
+            if ckpt["vocab"] != manifests[first].vocab:
+                raise ModelError(f"{args.ckpt} and {args.models[first]} are different models "
+                                 "(their vocabularies differ)")
             floor = physical_floor(ckpt, args.threads)
-        images, source = load_images(args, manifest.preprocessing.size)
+        sizes = {label: m.preprocessing.size for label, m in manifests.items()}
+        images = {size: load_images(args, size) for size in set(sizes.values())}
     except EdgecapError as e:
         sys.exit(f"latency.py: error: {e}")
-    results = {name: skip_reason(name, manifest, args.ckpt) or run_variant(name, args, images) for name in args.variants}
+    results = {variant_key(label, name, args.models):
+               skip_reason(name, manifest, args.ckpt if label == first else None)
+               or run_variant(label, name, args, images[sizes[label]][0])
+               for label, manifest in manifests.items() for name in args.variants}
     skipped = {name: r for name, r in results.items() if isinstance(r, str)}
     variants = {name: r for name, r in results.items() if name not in skipped}
     if not variants:
         sys.exit("latency.py: error: no variant could run (" + "; ".join(f"{n}: {w}" for n, w in skipped.items()) + ")")
     add_ratios(variants)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
+    some_images, source = next(iter(images.values()))
     report = {"command": command, "machine": machine(args.threads, load_average), "floor": floor,
-              "settings": {"images": source, "count": len(images), "image_size": manifest.preprocessing.size,
+              "settings": {"models": args.models, "images": source, "count": len(some_images), "image_size": sizes,
                            "warmup": args.warmup, "repeats": args.repeats, "min_seconds": args.min_seconds,
                            "threads": args.threads,
                            "batch": args.batch, "beams": args.beams,
-                           "search": {k: v for k, v in manifest.search.to_dict().items() if k != "num_beams"}},
+                           "search": {k: v for k, v in manifests[first].search.to_dict().items() if k != "num_beams"}},
               "variants": variants, "skipped": skipped}
     print(f"{write_outputs(report, args)}\n\ncommand: {command}")
 

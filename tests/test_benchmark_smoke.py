@@ -70,3 +70,27 @@ def test_search_overhead_benchmark_smoke(exported, tmp_path):
     assert set(report) == {"greedy", "beam3"}
     assert all(r["ms_per_caption"] > 0 and r["steps_per_caption"] >= 1 for r in report.values())
     assert "| beam3 |" in done.stdout
+
+
+def test_latency_benchmark_compares_models(trained, exported, tmp_path):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(trained("attention")),
+           "--model", f"att={exported['attention']}", "--model", f"plain={exported['plain']}",
+           "--variants", "torch-fp32,ort-fp32", "--repeats", "1", "--min-seconds", "0", "--warmup", "0", "--count", "2",
+           "--beams", "3", "--batch", "1", "--threads", "1", "--tags", "0", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"att torch-fp32", "att ort-fp32", "plain ort-fp32"}
+    assert report["skipped"] == {"plain torch-fp32": "no --ckpt given for this model"}  # --ckpt is the first model's
+    assert report["settings"]["models"] == {"att": str(exported["attention"]), "plain": str(exported["plain"])}
+    att, plain = report["variants"]["att ort-fp32"], report["variants"]["plain ort-fp32"]
+    assert att["vs_first_model"] == {"greedy": 1.0, "beam3": 1.0}
+    ratio = plain["latency_ms"]["beam3"]["p50"] / att["latency_ms"]["beam3"]["p50"]
+    assert plain["vs_first_model"]["beam3"] == ratio and plain["agreement_with_torch"] is None
+    assert att["agreement_with_torch"]["beam3"] == {"identical": 2, "images": 2}
+    assert "beam3 p50 vs att" in done.stdout
+
+    same = subprocess.run([*cmd[:2], "--model", f"x={exported['attention']}", "--model", f"x={exported['plain']}"],
+                          capture_output=True, text=True, timeout=60)
+    assert same.returncode == 2 and "needs its own LABEL" in same.stderr

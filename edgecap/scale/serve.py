@@ -33,8 +33,9 @@ APP = "edgecap"
 # picked the dead one, which has none, again, until the tries ran out.
 # HAProxy retries only a request it had whole before sending it (it drops the retry otherwise: a 502, seen as a
 # plain-text 500, when a replica died on a request whose body was still arriving); `option http-buffer-request`
-# makes it wait for the whole body first. Ray 2.60 has no setting for that option, so it rides on the line
-# that ends Ray's `retry-on` line in its HAProxy template. Bodies up to the buffer (1 MiB here) are retried.
+# makes it wait for the whole body first. Ray 2.60 has no setting for that option: the newline in the retry-on
+# value puts it on a line of its own after `retry-on` in Ray's HAProxy template. Bodies up to the buffer (1 MiB
+# here) are retried.
 HAPROXY_RETRIES = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response\n"
                                                  "    option http-buffer-request",
                    "RAY_SERVE_HAPROXY_RETRIES": "6", "RAY_SERVE_HAPROXY_TUNE_BUFSIZE": str(1 << 20),
