@@ -139,8 +139,8 @@ def measure(label: str, name: str, args: argparse.Namespace, images: list[np.nda
     if tagged in runs:
         latency["tagger"] = percentiles([t["tagger_ms"] for t in runs[tagged]])
     batch_ms = [t["total_ms"] for t in throughput["greedy"]]
-    return {"model": label, "variant": name, "engine": VARIANTS[name][0], "precision": VARIANTS[name][1], "device": VARIANTS[name][2],
-            "provider": provider, "placement": getattr(engine, "placement", None), "latency_ms": latency,
+    return {"model": label, "variant": name, "engine": VARIANTS[name][0], "precision": VARIANTS[name][1],
+            "device": VARIANTS[name][2], "provider": provider, "placement": getattr(engine, "placement", None), "latency_ms": latency,
             "runs": {search: len(r) for search, r in runs.items()},
             "mean_words": {s: float(np.mean([len(t) + 1 for t in toks])) for s, toks in tokens.items()},  # <end> too
             "throughput": {"batch": args.batch, "images_per_s": args.batch * len(batch_ms) * 1e3 / sum(batch_ms),
@@ -230,8 +230,8 @@ def add_ratios(variants: dict[str, dict]) -> None:
         lat, mine = v["latency_ms"], tokens[name]
         ref_name, ref = by.get((v["model"], REFERENCE), (None, None))
         base = by.get((first, v["variant"]), (None, None))[1]
-        v["vs_first_model"] = {s: lat[s]["p50"] / base["latency_ms"][s]["p50"] for s in mine} \
-            if base and len({m for m, _ in by}) > 1 else None
+        v["vs_first_model"] = {s: lat[s]["p50"] / base["latency_ms"][s]["p50"] for s in mine
+                               if s in base["latency_ms"]} if base and len({m for m, _ in by}) > 1 else None
         v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in mine if s != "greedy"}
         if "tagger" in lat:
             tagged = next(s for s in mine if "+tags" in s)
