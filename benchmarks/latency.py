@@ -140,7 +140,8 @@ def measure(label: str, name: str, args: argparse.Namespace, images: list[np.nda
         latency["tagger"] = percentiles([t["tagger_ms"] for t in runs[tagged]])
     batch_ms = [t["total_ms"] for t in throughput["greedy"]]
     return {"model": label, "variant": name, "engine": VARIANTS[name][0], "precision": VARIANTS[name][1],
-            "device": VARIANTS[name][2], "provider": provider, "placement": getattr(engine, "placement", None), "latency_ms": latency,
+            "device": VARIANTS[name][2], "provider": provider, "placement": getattr(engine, "placement", None),
+            "latency_ms": latency,
             "runs": {search: len(r) for search, r in runs.items()},
             "mean_words": {s: float(np.mean([len(t) + 1 for t in toks])) for s, toks in tokens.items()},  # <end> too
             "throughput": {"batch": args.batch, "images_per_s": args.batch * len(batch_ms) * 1e3 / sum(batch_ms),
@@ -220,18 +221,18 @@ def load_images(args: argparse.Namespace, size: int) -> tuple[list[np.ndarray], 
     return [split.image(i) for i in range(len(split))], "synthetic test scenes"
 
 
-def add_ratios(variants: dict[str, dict]) -> None:
+def add_ratios(variants: dict[str, dict], models: dict[str, str]) -> None:
     """Speed-up over PyTorch eager, wider beams' cost over greedy, caption agreement with PyTorch eager (each
     against its own model's reference) and, with several models, each search's p50 over the first model's."""
     tokens = {name: v.pop("tokens") for name, v in variants.items()}
-    first = next(iter(variants.values()))["model"]
+    first = next(iter(models))
     by = {(v["model"], v["variant"]): (name, v) for name, v in variants.items()}
     for name, v in variants.items():
         lat, mine = v["latency_ms"], tokens[name]
         ref_name, ref = by.get((v["model"], REFERENCE), (None, None))
         base = by.get((first, v["variant"]), (None, None))[1]
         v["vs_first_model"] = {s: lat[s]["p50"] / base["latency_ms"][s]["p50"] for s in mine
-                               if s in base["latency_ms"]} if base and len({m for m, _ in by}) > 1 else None
+                               if s in base["latency_ms"]} if base and len(models) > 1 else None
         v["cost_vs_greedy"] = {s: lat[s]["p50"] / lat["greedy"]["p50"] for s in mine if s != "greedy"}
         if "tagger" in lat:
             tagged = next(s for s in mine if "+tags" in s)
@@ -417,7 +418,7 @@ def main() -> None:
     variants = {name: r for name, r in results.items() if name not in skipped}
     if not variants:
         sys.exit("latency.py: error: no variant could run (" + "; ".join(f"{n}: {w}" for n, w in skipped.items()) + ")")
-    add_ratios(variants)
+    add_ratios(variants, args.models)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     some_images, source = next(iter(images.values()))
     report = {"command": command, "machine": machine(args.threads, load_average), "floor": floor,
