@@ -130,9 +130,9 @@ def measure(captioner: Captioner, video: Path, gate: GateOptions | None, cuts: l
     timeline.close()
     seconds = time.perf_counter() - start
     c = timeline.counts
-    frames = c.encoder_calls  # the encoder runs on every frame
-    return {"frames": frames, "seconds": round(seconds, 2), "frames_per_s": round(frames / seconds, 1),
-            "ms_per_frame": round(seconds * 1e3 / frames, 2),
+    count = c.encoder_calls  # the encoder runs on every frame
+    return {"frames": count, "seconds": round(seconds, 2), "frames_per_s": round(count / seconds, 1),
+            "ms_per_frame": round(seconds * 1e3 / count, 2),
             "p50_ms": {k: round(float(np.median(v)), 2) for k, v in stages.items() if v},
             "encoder_calls": c.encoder_calls, "decoder_calls": c.decoder_calls, "events": c.events,
             **score(events, cuts), "captions": [[round(e.start, 3), e.caption.text] for e in events]}

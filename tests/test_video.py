@@ -101,6 +101,16 @@ def test_one_event_per_cut_and_none_inside_a_held_scene(clip, captioner):
     assert every.counts.decoder_calls == 60  # what --every-frame pays
 
 
+def test_the_video_benchmark_measures_both_modes(clip, captioner):
+    """benchmarks/video.py's measurement on the test clip: every frame decoded against one decode per scene, the
+    cuts scored against the truth."""
+    measure = load_benchmark().measure
+    every, gated = measure(captioner, clip, None, CUTS), measure(captioner, clip, GateOptions(), CUTS)
+    assert (every["frames"], every["decoder_calls"], gated["frames"], gated["decoder_calls"]) == (60, 60, 60, 4)
+    assert gated["cuts_found"] == len(CUTS) and gated["extra_events_in_held_scenes"] == 0
+    assert every["frames_per_s"] > 0 and set(every["p50_ms"]) == {"encoder_ms", "decoder_ms"}
+
+
 def test_events_subtitles_and_the_annotated_video(clip, tmp_path, capsys):
     srt, vtt, out = tmp_path / "clip.srt", tmp_path / "clip.vtt", tmp_path / "annotated.mp4"
     base = ["--model", str(BUNDLED), "--threads", "1", "--quiet", str(clip)]
