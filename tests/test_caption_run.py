@@ -221,7 +221,7 @@ def test_model_defaults_to_env_then_dot_model_then_bundled(exported, scenes, tmp
     (tmp_path / "model").unlink()
     code, out, err = run(capsys, image)
     assert code == 0 and out.startswith(f"{image}\t") and out.split("\t")[1].strip()
-    assert err.count("using the bundled model flickr8k-lite0") == 1
+    assert err.count("using the bundled model flickr8k-lite1") == 1
 
 
 def test_timing_report(exported, scenes, capsys):

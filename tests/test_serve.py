@@ -120,7 +120,7 @@ def test_multipart_query_parameters_and_model_summary(service, jpegs):
     assert body["search"] == "greedy"
     assert [c["caption"] for c in body["captions"]] == [captioner.caption(decode_image(j)).text for j in jpegs[:3]]
     model = requests.get(f"{url}/v1/model", timeout=TIMEOUT).json()
-    assert model["model"] == "flickr8k-lite0" and model["decoder"] == "attention" and model["max_batch_size"] == 8
+    assert model["model"] == "flickr8k-lite1" and model["decoder"] == "attention" and model["max_batch_size"] == 8
     assert requests.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
 
 
@@ -132,7 +132,7 @@ def test_tags_attention_and_n_best_in_the_api(service, jpegs):
     want = Captioner.load(threads=1, tags=3, num_return_sequences=2).caption(decode_image(jpegs[0]))
     assert got["caption"] == want.text and [a["caption"] for a in got["alternatives"]] == [t for t, _ in want.alternatives]
     assert [(t["label"], t["probability"]) for t in got["tags"]] == want.tags
-    assert got["attention"]["grid"] == [7, 7] and len(got["attention"]["words"]) == len(got["words"])
+    assert got["attention"]["grid"] == [8, 8]  # Lite1 at 240 px and len(got["attention"]["words"]) == len(got["words"])
     for word in got["attention"]["words"]:
         assert abs(sum(map(sum, word)) - 1) < 3e-3  # rounded to 4 places
     plain = post(url, jpegs[0]).json()["captions"][0]
@@ -276,7 +276,8 @@ def test_the_page_in_a_real_browser(service, browser, tmp_path):
     cv2.imwrite(str(photo), cv2.cvtColor(drawn_scenes()[3], cv2.COLOR_RGB2BGR))
     want = Captioner.load(threads=1, tags=5, num_return_sequences=3).caption(photo.read_bytes())  # the page's asks
     page.open_page(driver, f"{url}/")
-    assert "efficientnet-lite0" in driver.find_element(By.ID, "card").text
+    card = driver.find_element(By.ID, "card").text
+    assert "efficientnet-lite1" in card and "240 px" in card
     assert page.upload(driver, photo) == "done", driver.find_element(By.ID, "error").text
     text = lambda css: [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
     assert driver.find_element(By.ID, "caption").text == want.text

@@ -47,7 +47,7 @@ def test_a_signal_drains_the_service_and_stops_it(signum):
         while not any("caption-serve: serving" in line for line in lines):
             assert time.monotonic() < deadline and proc.poll() is None, "".join(lines[-20:])
             time.sleep(0.2)
-        assert requests.get(f"{url}/v1/model", timeout=10).json()["model"] == "flickr8k-lite0"
+        assert requests.get(f"{url}/v1/model", timeout=10).json()["model"] == "flickr8k-lite1"
         files = [("files", ("noise.png", noise_png(), "image/png"))] * 6
         with ThreadPoolExecutor(2) as pool:
             in_flight = [pool.submit(requests.post, f"{url}/v1/caption", files=files, params={"beams": 16},

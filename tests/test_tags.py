@@ -85,10 +85,10 @@ def test_tags_and_attention_in_the_caption_record(captioner):
     record = result.to_dict(attention=True)
     assert record["tags"] == [{"label": t, "probability": p} for t, p in result.tags]
     grid = record["attention"]
-    assert grid["grid"] == [7, 7] and len(grid["words"]) == len(record["words"])
+    assert grid["grid"] == [8, 8] and len(grid["words"]) == len(record["words"])  # Lite1 at 240 px
     for word in grid["words"]:
-        assert len(word) == 7 and all(len(row) == 7 for row in word)
-        assert abs(sum(map(sum, word)) - 1) < 3e-3  # rounded to 4 places: 49 errors of at most 5e-5
+        assert len(word) == 8 and all(len(row) == 8 for row in word)
+        assert abs(sum(map(sum, word)) - 1) < 4e-3  # rounded to 4 places: 64 errors of at most 5e-5
     assert "attention" not in result.to_dict() and "tags" not in captioner.caption(image, tags=0).to_dict()
 
 

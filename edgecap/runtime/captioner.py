@@ -24,18 +24,18 @@ from .search import Hypothesis, SearchOptions
 from .tags import Tags, top_labels
 
 CHANNELS = (1, 3, 4)  # grey, RGB, RGBA
-BUNDLED = Path(__file__).resolve().parent.parent / "models" / "flickr8k-lite0"
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "flickr8k-lite1"
 
 
 def model_dir(given: str | Path | None, say: Callable[[str], None] | None = None) -> Path:
     """The model folder: the one given, else $EDGECAP_MODEL, else ./model, else the model shipped with edgecap
-    (EfficientNet-Lite0 + soft attention trained on Flickr8k), announced once through `say`."""
+    (EfficientNet-Lite1 + soft attention trained on Flickr8k), announced once through `say`."""
     if given or os.environ.get("EDGECAP_MODEL"):
         return Path(given or os.environ["EDGECAP_MODEL"])
     if Path("model").is_dir() or not (BUNDLED / "manifest.json").is_file():
         return Path("model")
     if say is not None:
-        say(f"using the bundled model {BUNDLED.name} (Flickr8k, EfficientNet-Lite0 + attention); "
+        say(f"using the bundled model {BUNDLED.name} (Flickr8k, EfficientNet-Lite1 + attention); "
             "pass --model DIR or set $EDGECAP_MODEL for your own")
     return BUNDLED
 
