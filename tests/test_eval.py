@@ -133,3 +133,20 @@ def test_caption_eval_refuses_what_a_checkpoint_cannot_honour(tmp_path, capsys, 
 def test_caption_attend_names_the_beams_flag(tmp_path, capsys):
     assert attend_main([str(tmp_path / "x.jpg"), "--beams", "0"]) == 2
     assert capsys.readouterr().err == "caption-attend: error: --beams must be between 1 and 16, got 0\n"  # not num_beams
+
+
+def test_caption_eval_length_penalty_is_the_searchs(exported, tmp_path, capsys):
+    """--length-penalty reaches the beam search: the report's captions are the runtime's at that penalty, and the
+    report records it; a penalty that is not a number is one line."""
+    from edgecap.runtime.captioner import Captioner
+
+    folder, out = exported["attention"], tmp_path / "lp.json"
+    assert eval_main(["--model", str(folder), "--data", "synthetic", "--limit", "12", "--beams", "3",
+                      "--length-penalty", "-4", "--json", str(out), "--no-java"]) == 0
+    report = json.loads(out.read_text())
+    images = [SyntheticSplit("test", 12).image(i) for i in range(12)]
+    want = [c.text for c in Captioner.load(folder, num_beams=3, length_penalty=-4.0).caption(images)]
+    assert want != [c.text for c in Captioner.load(folder, num_beams=3).caption(images)]  # the penalty matters here
+    assert report["length_penalty"] == -4.0 and list(report["captions"]["beam3"].values()) == want
+    assert eval_main(["--model", str(folder), "--data", "synthetic", "--length-penalty", "nan"]) == 2
+    assert capsys.readouterr().err.endswith("error: --length-penalty must be a finite number, got nan\n")

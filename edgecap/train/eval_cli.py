@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def evaluate(args: argparse.Namespace) -> dict:
               "(another data set or language?): expect scores near 0", file=sys.stderr)
     report = {"model": str(args.model), "engine": engine_name, "precision": precision, "data": desc,
               "split": args.split, "images": n, "tokenizer": tokenizer, "reference_words_unknown": unknown,
+              "length_penalty": defaults.length_penalty if args.length_penalty is None else args.length_penalty,
               "results": {}, "captions": {}}
     rng = np.random.default_rng(0)
     keys = list(refs)
@@ -92,7 +94,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     beam_widths = args.beams or sorted({1, defaults.num_beams})
     for beams in beam_widths:
         opts = dataclasses.replace(defaults, num_beams=beams, num_return_sequences=1,
-                                   max_length=args.max_length or defaults.max_length)
+                                   max_length=args.max_length or defaults.max_length,
+                                   length_penalty=defaults.length_penalty if args.length_penalty is None
+                                   else args.length_penalty)
         name = opts.name
         hyps = caption_split(engine, split, pre, opts, n, progress=True)
         texts = {k: vocab.decode(h.tokens) for k, h in hyps.items()}
@@ -182,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beams", metavar="K[,K...]", type=beam_widths,
                    help="comma-separated beam widths, 1 = greedy (default: 1 and the model's own)")
     p.add_argument("--max-length", type=int, help="most words per caption (default: the model's)")
+    p.add_argument("--length-penalty", metavar="X", type=float,
+                   help="beam search: a caption's score is its summed log-probability / length ** X "
+                        "(default: the model's, 1.0 from export-onnx)")
     p.add_argument("--limit", metavar="N", type=int, help="first N images of the split (default: all)")
     p.add_argument("--spice", action="store_true", help="also try SPICE (needs Stanford CoreNLP models)")
     p.add_argument("--no-java", action="store_true", help="simple tokenizer, no METEOR (no Java needed)")
@@ -197,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         check_model_flags(args)
         for beams in args.beams or [None]:
             check_limits(beams, args.max_length)
+        if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number, got {args.length_penalty}")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
         for flag, out in (("--json", args.json), ("--markdown", args.markdown)):
