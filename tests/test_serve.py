@@ -132,7 +132,7 @@ def test_tags_attention_and_n_best_in_the_api(service, jpegs):
     want = Captioner.load(threads=1, tags=3, num_return_sequences=2).caption(decode_image(jpegs[0]))
     assert got["caption"] == want.text and [a["caption"] for a in got["alternatives"]] == [t for t, _ in want.alternatives]
     assert [(t["label"], t["probability"]) for t in got["tags"]] == want.tags
-    assert got["attention"]["grid"] == [8, 8]  # Lite1 at 240 px and len(got["attention"]["words"]) == len(got["words"])
+    assert got["attention"]["grid"] == [8, 8] and len(got["attention"]["words"]) == len(got["words"])  # Lite1: 240 px
     for word in got["attention"]["words"]:
         assert abs(sum(map(sum, word)) - 1) < 3e-3  # rounded to 4 places
     plain = post(url, jpegs[0]).json()["captions"][0]
