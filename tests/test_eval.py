@@ -135,18 +135,20 @@ def test_caption_attend_names_the_beams_flag(tmp_path, capsys):
     assert capsys.readouterr().err == "caption-attend: error: --beams must be between 1 and 16, got 0\n"  # not num_beams
 
 
-def test_caption_eval_length_penalty_is_the_searchs(exported, tmp_path, capsys):
-    """--length-penalty reaches the beam search: the report's captions are the runtime's at that penalty, and the
-    report records it; a penalty that is not a number is one line."""
-    from edgecap.runtime.captioner import Captioner
+def test_caption_eval_length_penalty_is_the_searchs(exported, tmp_path, capsys, monkeypatch):
+    """--length-penalty reaches the beam search (the options every search of the run gets; the search's own use of
+    it is tested in test_search) and the report; unset, the model's own; not a number, one line."""
+    from edgecap.train import eval_cli
 
-    folder, out = exported["attention"], tmp_path / "lp.json"
-    assert eval_main(["--model", str(folder), "--data", "synthetic", "--limit", "12", "--beams", "3",
-                      "--length-penalty", "-4", "--json", str(out), "--no-java"]) == 0
-    report = json.loads(out.read_text())
-    images = [SyntheticSplit("test", 12).image(i) for i in range(12)]
-    want = [c.text for c in Captioner.load(folder, num_beams=3, length_penalty=-4.0).caption(images)]
-    assert want != [c.text for c in Captioner.load(folder, num_beams=3).caption(images)]  # the penalty matters here
-    assert report["length_penalty"] == -4.0 and list(report["captions"]["beam3"].values()) == want
-    assert eval_main(["--model", str(folder), "--data", "synthetic", "--length-penalty", "nan"]) == 2
+    seen = []
+    real = eval_cli.caption_split
+    monkeypatch.setattr(eval_cli, "caption_split", lambda engine, split, pre, opts, *a, **k: (
+        seen.append(opts), real(engine, split, pre, opts, *a, **k))[1])
+    for flags, want in (([], 1.0), (["--length-penalty", "0.5"], 0.5)):
+        out = tmp_path / f"lp{len(seen)}.json"
+        assert eval_main(["--model", str(exported["attention"]), "--data", "synthetic", "--limit", "4",
+                          "--beams", "1,3", *flags, "--json", str(out), "--no-java"]) == 0
+        assert [o.length_penalty for o in seen[-2:]] == [want, want]
+        assert json.loads(out.read_text())["length_penalty"] == want
+    assert eval_main(["--model", str(exported["attention"]), "--data", "synthetic", "--length-penalty", "nan"]) == 2
     assert capsys.readouterr().err.endswith("error: --length-penalty must be a finite number, got nan\n")
