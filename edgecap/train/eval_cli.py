@@ -84,9 +84,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     if unknown > OOV_WARNING:
         print(f"caption-eval: warning: {unknown:.0%} of the reference words are outside the model's vocabulary "
               "(another data set or language?): expect scores near 0", file=sys.stderr)
+    length_penalty = defaults.length_penalty if args.length_penalty is None else args.length_penalty
     report = {"model": str(args.model), "engine": engine_name, "precision": precision, "data": desc,
               "split": args.split, "images": n, "tokenizer": tokenizer, "reference_words_unknown": unknown,
-              "length_penalty": defaults.length_penalty if args.length_penalty is None else args.length_penalty,
+              "length_penalty": length_penalty,
               "results": {}, "captions": {}}
     rng = np.random.default_rng(0)
     keys = list(refs)
@@ -94,9 +95,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     beam_widths = args.beams or sorted({1, defaults.num_beams})
     for beams in beam_widths:
         opts = dataclasses.replace(defaults, num_beams=beams, num_return_sequences=1,
-                                   max_length=args.max_length or defaults.max_length,
-                                   length_penalty=defaults.length_penalty if args.length_penalty is None
-                                   else args.length_penalty)
+                                   max_length=args.max_length or defaults.max_length, length_penalty=length_penalty)
         name = opts.name
         hyps = caption_split(engine, split, pre, opts, n, progress=True)
         texts = {k: vocab.decode(h.tokens) for k, h in hyps.items()}
